@@ -1,0 +1,1 @@
+"""The job catalogue: one small file per job (config dataclass + JOB = JobSpec(...))."""

@@ -1,0 +1,1 @@
+"""Hydra-configured, Ray-distributed, MLflow-tracked PyTorch training. See README.md."""

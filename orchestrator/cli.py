@@ -1,0 +1,169 @@
+"""`orchestrate`: the command users type.
+
+    orchestrate job=cnn_digits                       # train on an embedded local Ray
+    orchestrate job=cnn_digits trainer.num_workers=2 optim.lr=3e-3
+    orchestrate job=cnn_digits --cfg job             # Hydra's own config printing
+
+Hydra composes and validates the config here, on the driver, before anything starts. Any
+problem with it is one line on stderr naming the key and the fix, and exit code 2.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# Hydra flags that only print something: handed to Hydra's own app unchanged.
+_HYDRA_INFO_FLAGS = ("cfg", "help", "hydra_help", "info", "shell_completion", "resolve")
+
+
+def available(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _default_job() -> str:
+    import yaml
+
+    for entry in yaml.safe_load((CONF_DIR / "config.yaml").read_text())["defaults"]:
+        if isinstance(entry, dict) and "job" in entry:
+            return entry["job"]
+    raise UserError("job", "no job chosen", f"add job=<name>; one of: {', '.join(available('job'))}")
+
+
+def _chosen_job(overrides: list[str]) -> str:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = _parse(OverridesParser.create(), overrides)
+    for o in parsed:
+        if o.key_or_group == "job" and o.package is None:
+            return str(o.value())
+    return _default_job()
+
+
+def _parse(parser, overrides: list[str]):
+    from hydra.errors import OverrideParseException
+
+    try:
+        return parser.parse_overrides(overrides)
+    except OverrideParseException as exc:
+        bad = next((o for o in overrides if _unparseable(parser, o)), " ".join(overrides))
+        raise UserError(bad, f"cannot parse this override ({str(exc).splitlines()[0]})",
+                        "write key=value; quote values with spaces or brackets") from None
+
+
+def _unparseable(parser, override: str) -> bool:
+    try:
+        parser.parse_overrides([override])
+        return False
+    except Exception:
+        return True
+
+
+def register_job(name: str):
+    """Import the chosen job (only that one) and register its config schema with Hydra."""
+    from orchestrator.config import register_schemas
+    from orchestrator.job import load_job
+
+    if name not in available("job"):
+        raise UserError("job", f"unknown job '{name}'", f"choose one of: {', '.join(available('job'))}")
+    spec = load_job(name)
+    register_schemas({name: spec.config})
+    return spec
+
+
+def compose_config(overrides: list[str]) -> dict[str, Any]:
+    """Compose, type-check and validate. Returns the resolved config as a plain dict."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from orchestrator.config import check_known_keys, validate
+
+    name = _chosen_job(overrides)
+    spec = register_job(name)
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=overrides)
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    except Exception as exc:
+        raise _as_user_error(exc) from None
+    assert isinstance(plain, dict)
+    if plain["job"]["name"] != name:
+        raise UserError("job.name", f"is '{plain['job']['name']}' but the job chosen is '{name}'",
+                        f"choose jobs with job=<name> and leave job.name alone")
+    check_known_keys(plain, spec.config)
+    validate(plain)
+    return plain
+
+
+def _as_user_error(exc: Exception) -> UserError:
+    """Turn Hydra/OmegaConf's multi-line errors into one line naming the key and the fix."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import (
+        ConfigAttributeError,
+        ConfigKeyError,
+        MissingMandatoryValue,
+        ValidationError,
+    )
+
+    cause = exc.__cause__ or exc
+    key = getattr(cause, "full_key", None) or ""
+    first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    if isinstance(exc, MissingConfigException) or "Could not find" in first:
+        m = re.search(r"Could not find '([^']+)/([^'/]+)'", str(exc))
+        if m:
+            group, option = m.groups()
+            return UserError(group, f"unknown {group} '{option}'", f"choose one of: {', '.join(available(group))}")
+        return UserError("config", first, "check the config name")
+    if isinstance(cause, ValidationError):
+        m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", first)
+        problem = f"expected {m.group(3).lower()}, got '{m.group(1)}'" if m else first.rstrip(".")
+        return UserError(key or "override", problem, "fix the value's type")
+    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
+        parent = key.rsplit(".", 1)[0] if "." in key else ""
+        where = f" --package {parent}" if parent else ""
+        return UserError(key or "override", "unknown key",
+                         f"check the spelling; list the valid keys with `orchestrate --cfg job{where}`")
+    if isinstance(cause, MissingMandatoryValue):
+        return UserError(key, "has no value", f"set {key}=<value>")
+    return UserError("config", first, "fix the config or the override")
+
+
+def _hydra_app(argv: list[str]) -> None:
+    """Hydra's own app, for --cfg/--help/--info: printing works exactly as Hydra users expect."""
+    import hydra
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def app(cfg) -> None:  # pragma: no cover - Hydra prints and returns before calling it
+        pass
+
+    sys.argv = ["orchestrate", *argv]
+    app()
+
+
+def main(argv: list[str] | None = None) -> int:
+    started_at = time.time()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    try:
+        name = _chosen_job(args.overrides)
+        if any(getattr(args, flag, None) for flag in _HYDRA_INFO_FLAGS):
+            register_job(name)
+            _hydra_app(argv)
+            return 0
+        if args.multirun:
+            raise UserError("-m", "sweeps are not available in this version", "run single jobs without -m")
+        cfg = compose_config(args.overrides)
+        from orchestrator.runner import run_job
+
+        return run_job(cfg, argv, args.overrides, started_at)
+    except UserError as exc:
+        print(f"error: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code

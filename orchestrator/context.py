@@ -1,0 +1,108 @@
+"""Where the loop runs: inside a Ray Train worker, or in this one process.
+
+The loop talks to its surroundings only through a `WorkerContext`: who am I (rank, world
+size, device), is there a checkpoint to resume from, report an epoch (with a checkpoint on
+rank 0), and send a progress event to whoever is watching. `LocalContext` makes the loop
+runnable and debuggable without Ray; `RayContext` is what Ray Train workers use.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Protocol
+
+import torch
+
+from orchestrator import checkpoint
+
+
+class WorkerContext(Protocol):
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def latest_checkpoint(self) -> dict[str, Any] | None: ...
+
+    def report(self, metrics: dict[str, float], state: dict[str, Any] | None) -> None: ...
+
+    def progress(self, event: dict[str, Any]) -> None: ...
+
+
+class LocalContext:
+    """One process, no Ray. Checkpoints go to `checkpoint_dir` (latest only) when given."""
+
+    rank = 0
+    world_size = 1
+
+    def __init__(self, device: str = "cpu", checkpoint_dir: str | None = None, on_progress=None):
+        self.device = torch.device(device)
+        self.checkpoint_dir = checkpoint_dir
+        self.on_progress = on_progress
+        self.reports: list[dict[str, float]] = []
+
+    def latest_checkpoint(self):
+        if self.checkpoint_dir and os.path.exists(os.path.join(self.checkpoint_dir, checkpoint.META_FILE)):
+            return checkpoint.load(self.checkpoint_dir)
+        return None
+
+    def report(self, metrics, state):
+        self.reports.append(dict(metrics))
+        if state is not None and self.checkpoint_dir:
+            checkpoint.save(state, self.checkpoint_dir)
+
+    def progress(self, event):
+        if self.on_progress:
+            self.on_progress(event)
+
+
+class RayContext:
+    """Inside a Ray Train V2 worker. Every rank must call `report` the same number of times."""
+
+    def __init__(self, progress_queue=None):
+        import ray.train
+        import ray.train.torch
+
+        ctx = ray.train.get_context()
+        self.rank = ctx.get_world_rank()
+        self.world_size = ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+        self.queue = progress_queue
+
+    def latest_checkpoint(self):
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return None
+        with ckpt.as_directory() as path:
+            return checkpoint.load(path)
+
+    def report(self, metrics, state):
+        import ray.train
+
+        with _checkpoint_dir(state) as path:
+            ckpt = ray.train.Checkpoint.from_directory(path) if path else None
+            ray.train.report(metrics, checkpoint=ckpt)
+
+    def progress(self, event):
+        if self.queue is None or self.rank != 0:
+            return
+        if event.get("type") == "outcome":
+            self.queue.put(event, timeout=60)  # the driver needs this one to set the run status
+            return
+        try:  # never let a slow driver stall training: drop a progress tick if the queue is full
+            self.queue.put_nowait(event)
+        except Exception:
+            pass
+
+
+@contextmanager
+def _checkpoint_dir(state):
+    if state is None:
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="ckpt-") as path:
+        checkpoint.save(state, path)
+        yield path

@@ -1,0 +1,148 @@
+"""The only module that talks to Ray: start or join a cluster, run a TorchTrainer on it.
+
+Ray is imported lazily: the embedded cluster's loopback-only binding is decided by an
+environment variable Ray reads at import time, and a bad config must fail before Ray
+costs anything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.errors import UserError
+
+# Ray only binds its servers to 127.0.0.1 (instead of the machine's network address) when it
+# believes it runs on a laptop OS; this switch, read at `import ray`, asks for exactly that.
+_LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@dataclass
+class ClusterResources:
+    cpus: float
+    gpus: float
+
+
+def embedded_resources(cluster: dict[str, Any]) -> ClusterResources:
+    """What an embedded Ray would have, known before starting it."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return ClusterResources(float(cluster["num_cpus"] or os.cpu_count() or 1), float(gpus))
+
+
+def connect(cluster: dict[str, Any]) -> ClusterResources:
+    """Start the embedded Ray (cluster.address unset) or join an existing cluster."""
+    if cluster["address"] is None:
+        os.environ.setdefault(_LOOPBACK_ONLY, "0")
+    import ray
+
+    if ray.is_initialized():
+        return current_resources()
+    common = dict(
+        log_to_driver=cluster["show_worker_logs"],
+        logging_level=logging.INFO if cluster["show_worker_logs"] else logging.ERROR,
+        # Workers and the driver share this machine's Python environment (or, on a remote
+        # cluster, the image's), so nothing needs shipping here; remote submission
+        # carries code through the Jobs API instead.
+    )
+    if cluster["address"] is None:
+        ray.init(num_cpus=cluster["num_cpus"] or os.cpu_count(), include_dashboard=False, **common)
+    else:
+        try:
+            ray.init(address=cluster["address"], **common)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise UserError("cluster.address", f"cannot join Ray cluster at '{cluster['address']}' ({_first_line(exc)})",
+                            "start the cluster (`ray start --head`) or fix cluster.address") from None
+    return current_resources()
+
+
+def current_resources() -> ClusterResources:
+    import ray
+
+    total = ray.cluster_resources()
+    return ClusterResources(total.get("CPU", 0.0), total.get("GPU", 0.0))
+
+
+def check_placeable(trainer: dict[str, Any], use_gpu: bool, res: ClusterResources) -> None:
+    """Fail now, not after minutes of waiting, when the workers can never all be placed."""
+    need_cpu = trainer["num_workers"] * trainer["cpus_per_worker"]
+    if need_cpu > res.cpus:
+        raise UserError(
+            "trainer.num_workers",
+            f"{trainer['num_workers']} workers × {trainer['cpus_per_worker']:g} CPU need {need_cpu:g} CPUs "
+            f"but the cluster has {res.cpus:g}",
+            f"use trainer.num_workers<={int(res.cpus // trainer['cpus_per_worker'])} or a bigger cluster",
+        )
+    if use_gpu and trainer["num_workers"] > res.gpus:
+        raise UserError("trainer.use_gpu", f"{trainer['num_workers']} GPU workers but the cluster has {res.gpus:g} GPUs",
+                        "set trainer.use_gpu=false or lower trainer.num_workers")
+
+
+def make_progress_queue():
+    from ray.util.queue import Queue
+
+    # 0 CPUs: the queue actor must never take a slot a training worker needs.
+    return Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+
+
+def fit(cfg: dict[str, Any], run_id: str | None, use_gpu: bool, storage_path: str, name: str,
+        progress_queue) -> Any:
+    """Run the job's workers to completion. Returns Ray's Result; raises on training failure."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.loop import ray_train_fn
+
+    t = cfg["trainer"]
+    trainer = TorchTrainer(
+        ray_train_fn,
+        train_loop_config={"cfg": cfg, "run_id": run_id, "progress": progress_queue},
+        # gloo on CPU, NCCL on GPU: set explicitly so the choice is visible, not inferred.
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=t["num_workers"], use_gpu=use_gpu,
+            resources_per_worker={"CPU": t["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=t["max_failures"]),
+            # Keep two: the newest, and the one before it in case the newest is damaged.
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return trainer.fit()
+
+
+def fit_in_background(*args, **kwargs) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run `fit` in a daemon thread so the main thread stays free for progress and signals."""
+    box: dict[str, Any] = {}
+
+    def target():
+        try:
+            box["result"] = fit(*args, **kwargs)
+        except BaseException as exc:  # handed to the main thread, which decides what it means
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
+    thread.start()
+    return thread, box
+
+
+def shutdown() -> None:
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,249 @@
+"""The training loop every worker runs: setup → epochs → steps → eval → checkpoint → report.
+
+It receives the resolved config as a plain dict and a `WorkerContext` (Ray worker or this
+process), so the same code runs under Ray Train and, for tests and debugging, alone:
+
+    python -m orchestrator.loop job=mlp_tabular trainer.max_epochs=3
+
+Determinism: every epoch reseeds torch from (seed, epoch, rank), and the sampler shuffles
+from (seed, epoch). Same seed and worker count ⇒ same metrics, and a run resumed from an
+epoch checkpoint continues exactly as if it had never stopped.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler, Subset
+
+from orchestrator.context import WorkerContext
+from orchestrator.job import JobSpec, job_config, load_job
+from orchestrator.tracking import MetricLogger, NullMetricLogger
+
+
+@dataclass
+class LoopResult:
+    status: str  # "finished" | "nonfinite"
+    epoch: int  # epochs completed
+    step: int  # optimizer steps taken
+    metrics: dict[str, float] = field(default_factory=dict)
+    message: str = ""
+
+
+# --- Building blocks ------------------------------------------------------------------------
+
+
+def build_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
+    if cfg["name"] == "sgd":
+        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
+                               nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"])
+    return torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]),
+                             weight_decay=cfg["weight_decay"])
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, name: str, min_ratio: float) -> float:
+    """Multiplier on optim.lr at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if name == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_scheduler(optimizer, cfg: dict[str, Any], steps_per_epoch: int, epochs: int):
+    total = steps_per_epoch * epochs
+    warmup = round(cfg["warmup_epochs"] * steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total, warmup, cfg["name"], cfg["min_lr_ratio"])
+    )
+
+
+def seed_everything(seed: int, epoch: int, rank: int) -> None:
+    mixed = (seed * 1_000_003 + epoch * 10_007 + rank) % 2**31
+    random.seed(mixed)
+    np.random.seed(mixed)
+    torch.manual_seed(mixed)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def evaluate(job: JobSpec, model: nn.Module, loader: DataLoader, device, autocast) -> dict[str, float]:
+    """Means of the job's per-sample eval values over the whole held-out set (all shards)."""
+    model.eval()
+    sums: dict[str, torch.Tensor] = {}
+    count = torch.zeros((), dtype=torch.float64, device=device)
+    with torch.no_grad(), autocast():
+        for batch in loader:
+            values = job.eval_step(model, to_device(batch, device))
+            for key, v in values.items():
+                sums[key] = sums.get(key, 0) + v.detach().double().sum()
+            count += len(next(iter(values.values())))
+    keys = sorted(sums)
+    packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys] + [count])
+    packed = all_reduce_sum(packed)
+    total = packed[-1].item()
+    model.train()
+    return {f"val/{k}": packed[i].item() / max(total, 1) for i, k in enumerate(keys)}
+
+
+# --- The loop -------------------------------------------------------------------------------
+
+
+def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> LoopResult:
+    tcfg = cfg["trainer"]
+    seed = cfg["seed"]
+    torch.set_num_threads(tcfg["threads_per_worker"] or max(1, int(tcfg["cpus_per_worker"])))
+    job = load_job(cfg["job"]["name"])
+    jcfg = job_config(job, cfg["job"])
+    device = ctx.device
+
+    # Setup: data (each worker builds it deterministically), model, optimizer, schedule.
+    seed_everything(seed, 0, 0)  # same initial weights on every rank (DDP also broadcasts them)
+    splits = job.build_data(jcfg)
+    model = job.build_model(jcfg, splits).to(device)
+    sampler = DistributedSampler(splits.train, num_replicas=ctx.world_size, rank=ctx.rank,
+                                 shuffle=True, seed=seed)
+    train_loader = DataLoader(splits.train, batch_size=tcfg["batch_size"], sampler=sampler)
+    val_shard = Subset(splits.val, range(ctx.rank, len(splits.val), ctx.world_size))
+    val_loader = DataLoader(val_shard, batch_size=max(256, tcfg["batch_size"]))
+    accum = tcfg["grad_accum_steps"]
+    steps_per_epoch = math.ceil(len(train_loader) / accum)
+    optimizer = build_optimizer(model.parameters(), cfg["optim"])
+    scheduler = build_scheduler(optimizer, cfg["sched"], steps_per_epoch, tcfg["max_epochs"])
+    use_bf16 = tcfg["precision"] == "bf16"
+
+    def autocast():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    # Resume: the latest checkpoint Ray hands back after a restart (or the local one).
+    start_epoch, global_step = 0, 0
+    state = ctx.latest_checkpoint()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, global_step = state["epoch"], state["global_step"]
+
+    ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    metrics_out = MetricLogger(cfg["tracking"]["uri"], run_id) if (run_id and ctx.rank == 0) else NullMetricLogger()
+    started_at = cfg.get("launch", {}).get("started_at")
+    clip = tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf")
+    params = [p for p in model.parameters() if p.requires_grad]
+    last: dict[str, float] = {}
+
+    for epoch in range(start_epoch, tcfg["max_epochs"]):
+        seed_everything(seed, epoch + 1, ctx.rank)
+        sampler.set_epoch(epoch)
+        ddp.train()
+        epoch_start = time.perf_counter()
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # [sum, batches] this log window
+        epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)
+        samples = 0
+        for micro, batch in enumerate(train_loader):
+            batch = to_device(batch, device)
+            sync = (micro + 1) % accum == 0 or micro + 1 == len(train_loader)
+            # Accumulation: skip DDP's gradient all-reduce on all but the last micro-batch.
+            no_sync = ddp.no_sync() if (not sync and isinstance(ddp, DistributedDataParallel)) else nullcontext()
+            with no_sync:
+                with autocast():
+                    loss = job.training_step(ddp, batch)
+                (loss / accum).backward()
+            loss_sum += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            samples += len(job.model_input(batch))
+            if not sync:
+                continue
+            # Gradients are identical on every rank after the all-reduce, so every rank sees
+            # the same norm and stops together on NaN/inf, without an extra collective.
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            if not torch.isfinite(grad_norm):
+                metrics_out.flush()
+                msg = (f"non-finite loss or gradient (loss={loss.item():.4g}, grad norm={grad_norm.item():.4g}) "
+                       f"at epoch {epoch + 1}, step {global_step + 1}: lower optim.lr or set trainer.grad_clip")
+                result = LoopResult("nonfinite", epoch, global_step, last, msg)
+                ctx.progress({"type": "outcome", **result.__dict__})
+                return result
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            if global_step == 1 and started_at is not None:
+                metrics_out.log({"startup/time_to_first_step_s": time.time() - started_at}, step=0)
+            if global_step % tcfg["log_every_n_steps"] == 0:
+                window = all_reduce_sum(loss_sum.clone())
+                train_loss = (window[0] / window[1]).item()
+                epoch_loss += loss_sum
+                loss_sum.zero_()
+                lr = scheduler.get_last_lr()[0]
+                metrics_out.log({"train/loss": train_loss, "train/lr": lr}, step=global_step)
+                ctx.progress({"type": "step", "epoch": epoch + 1, "epochs": tcfg["max_epochs"],
+                              "step": global_step, "steps_per_epoch": steps_per_epoch,
+                              "loss": train_loss, "lr": lr})
+
+        epoch_loss = all_reduce_sum(epoch_loss + loss_sum)
+        seconds = time.perf_counter() - epoch_start
+        total_samples = all_reduce_sum(torch.tensor(float(samples), device=device)).item()
+        last = {
+            "train/loss_epoch": (epoch_loss[0] / epoch_loss[1]).item(),
+            **evaluate(job, ddp, val_loader, device, autocast),
+            "train/samples_per_s": total_samples / seconds,
+            "train/epoch_time_s": seconds,
+            "epoch": epoch + 1,
+        }
+        metrics_out.log(last, step=global_step)
+        metrics_out.flush()
+        state = None
+        if ctx.rank == 0:
+            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
+                     "global_step": global_step, "torch_rng": torch.get_rng_state()}
+        ctx.report(last, state)
+        ctx.progress({"type": "epoch", "epoch": epoch + 1, "epochs": tcfg["max_epochs"],
+                      "step": global_step, "metrics": last, "main_metric": job.main_metric})
+
+    metrics_out.flush()
+    result = LoopResult("finished", tcfg["max_epochs"], global_step, last)
+    ctx.progress({"type": "outcome", **result.__dict__})
+    return result
+
+
+def ray_train_fn(config: dict[str, Any]) -> None:
+    """Entry point of each Ray Train worker."""
+    from orchestrator.context import RayContext
+
+    run(config["cfg"], RayContext(config.get("progress")), config.get("run_id"))
+
+
+if __name__ == "__main__":  # single-process debugging without Ray or tracking
+    import sys
+
+    from orchestrator.cli import compose_config
+    from orchestrator.context import LocalContext
+
+    cfg = compose_config(sys.argv[1:])
+    outcome = run(cfg, LocalContext(on_progress=lambda e: e["type"] == "epoch" and print(e["metrics"])))
+    print(outcome.status, outcome.metrics)

@@ -1,0 +1,175 @@
+"""One training job on the driver, from validated config to a terminal MLflow run.
+
+Order matters and is the point of this module:
+  1. pre-flight: tracking store and cluster reachable, workers placeable — else exit 2
+     with nothing started;
+  2. start or join Ray;
+  3. create the MLflow run (params, tags, resolved config);
+  4. fit on Ray while showing progress; Ctrl-C / SIGTERM end the run KILLED;
+  5. log the final model (and register it), and mark the run FINISHED — or FAILED.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator import launch, preflight, tracking
+from orchestrator.errors import TrainingFailed
+from orchestrator.job import load_job
+from orchestrator.progress import ProgressDisplay, drain
+
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted(signum)
+
+
+def _run_name(job: str, overrides: list[str]) -> str:
+    shown = [o for o in overrides if not o.startswith(("job=", "tracking.", "cluster."))]
+    return " ".join([job, *shown])[:250]
+
+
+def prepare(cfg: dict[str, Any], cwd: str) -> None:
+    """Make every path in the config absolute: workers run in other directories."""
+    cfg["tracking"]["uri"] = preflight.resolve_tracking_uri(cfg["tracking"]["uri"], cwd)
+    storage = cfg["cluster"]["storage_path"] or os.path.join("outputs", "ray")
+    cfg["cluster"]["storage_path"] = os.path.abspath(os.path.join(cwd, storage))
+
+
+def run_job(cfg: dict[str, Any], argv: list[str], overrides: list[str], started_at: float) -> int:
+    prepare(cfg, os.getcwd())
+    tcfg, ccfg, trk = cfg["trainer"], cfg["cluster"], cfg["tracking"]
+    name = cfg["job"]["name"]
+    job = load_job(name)
+
+    preflight.check_tracking(trk["uri"])
+    preflight.check_cluster(ccfg["address"])
+    if ccfg["address"] is None:  # know the embedded cluster's size before paying to start it
+        embedded = launch.embedded_resources(ccfg)
+        use_gpu = tcfg["use_gpu"] if tcfg["use_gpu"] is not None else embedded.gpus > 0
+        launch.check_placeable(tcfg, use_gpu, embedded)
+    print(f"Starting Ray ({'embedded, loopback only' if ccfg['address'] is None else ccfg['address']}) ...", flush=True)
+    resources = launch.connect(ccfg)
+    try:
+        use_gpu = tcfg["use_gpu"] if tcfg["use_gpu"] is not None else resources.gpus > 0
+        launch.check_placeable(tcfg, use_gpu, resources)
+        return _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu)
+    finally:
+        launch.shutdown()
+
+
+def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu) -> int:
+    trk = cfg["tracking"]
+    name = cfg["job"]["name"]
+    command = "orchestrate " + " ".join(shlex.quote(a) for a in argv)
+    commit = tracking.git_commit(PROJECT_DIR)
+    tags = {"job": name, "orchestrator.overrides": " ".join(overrides), "orchestrator.command": command,
+            "mlflow.source.name": "orchestrate", "use_gpu": str(use_gpu)}
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    run_id = tracking.create_run(trk["uri"], trk["experiment"], trk["run_name"] or _run_name(name, overrides),
+                                 tracking.flatten(cfg), tags, tracking.config_yaml(cfg))
+    print(f"MLflow run {run_id} (experiment '{trk['experiment']}', {trk['uri']})", flush=True)
+    cfg = {**cfg, "launch": {"started_at": started_at}}
+
+    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    display = ProgressDisplay(job.main_metric)
+    t0 = time.monotonic()
+    try:
+        queue = launch.make_progress_queue()
+        thread, box = launch.fit_in_background(cfg, run_id, use_gpu, cfg["cluster"]["storage_path"],
+                                               f"{name}-{run_id}", queue)
+        while thread.is_alive():
+            drain(queue, display)
+        drain(queue, display, timeout=0.5)
+        if "error" in box:
+            raise TrainingFailed(_describe(box["error"]))
+        outcome = display.outcome or {}
+        if outcome.get("status") != "finished":
+            raise TrainingFailed(outcome.get("message") or "training ended without reporting an outcome")
+        _finish(cfg, job, run_id, box["result"])
+    except Interrupted as exc:
+        _ignore_signals()
+        print(f"\n{exc} received: stopping workers; MLflow run {run_id} marked KILLED", file=sys.stderr)
+        tracking.end_run(trk["uri"], run_id, "KILLED", f"stopped by {exc}")
+        return 128 + exc.signum
+    except TrainingFailed as exc:
+        _ignore_signals()
+        print(f"\nerror: training failed: {exc}\nMLflow run {run_id} marked FAILED", file=sys.stderr)
+        tracking.end_run(trk["uri"], run_id, "FAILED", str(exc))
+        return 1
+    except BaseException as exc:
+        _ignore_signals()
+        tracking.end_run(trk["uri"], run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+    _summary(display, cfg, run_id, time.monotonic() - t0)
+    return 0
+
+
+def _finish(cfg, job, run_id, result) -> None:
+    """Log the final model from the last checkpoint and mark the run FINISHED."""
+    trk = cfg["tracking"]
+    if not trk["log_model"] or result.checkpoint is None:
+        tracking.end_run(trk["uri"], run_id, "FINISHED")
+        return
+    import torch
+    from torch.utils.data import DataLoader
+
+    from orchestrator import checkpoint
+    from orchestrator.job import job_config
+
+    with result.checkpoint.as_directory() as path:
+        state = checkpoint.load(path)
+    jcfg = job_config(job, cfg["job"])
+    torch.manual_seed(cfg["seed"])
+    splits = job.build_data(jcfg)
+    model = job.build_model(jcfg, splits)
+    model.load_state_dict(state["model"])
+    example = job.model_input(next(iter(DataLoader(splits.val, batch_size=5))))
+    model_uri, version = tracking.log_model_and_finish(trk["uri"], run_id, model, example,
+                                                       trk["register_as"], trk["alias"])
+    print(f"Model logged: {model_uri}", flush=True)
+    if version:
+        print(f"Registered: models:/{trk['register_as']}@{trk['alias']} (version {version})", flush=True)
+
+
+def _summary(display: ProgressDisplay, cfg, run_id: str, seconds: float) -> None:
+    uri = cfg["tracking"]["uri"]
+    print(f"\nFinished {cfg['job']['name']} in {seconds:.0f}s. MLflow run id: {run_id}")
+    for key in sorted(display.last_metrics):
+        if key.startswith("val/") or key == "train/loss_epoch":
+            print(f"  {key:<20} {display.last_metrics[key]:.4f}")
+    if uri.startswith("http"):
+        print(f"Open the run: {uri.rstrip('/')}/#/experiments/0/runs/{run_id}")
+    else:
+        print(f"Open the MLflow UI: mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Ray's TrainingFailedError carries the worker traceback; its last line is the cause.
+    return lines[-1] if lines else type(error).__name__
+
+
+def _ignore_signals() -> None:
+    """A second Ctrl-C must not interrupt the cleanup that records the run's final status."""
+    for s in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(s, signal.SIG_IGN)

@@ -1,0 +1,183 @@
+"""The MLflow side: the piece Ray Train V2 does not have.
+
+One training job is exactly one MLflow run. The driver creates it (so a bad config never
+leaves a run behind and several workers never race to create one), logs params, tags and the
+resolved config, and hands the run id to the workers. Rank 0 logs metrics to that run id with
+explicit steps through `MetricLogger`; other ranks get a `NullMetricLogger`. When training
+ends, the driver logs the final model and sets the terminal status.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+PARAM_BATCH = 100  # MLflow's per-request limit for params
+METRIC_BATCH = 1000  # ... and for metrics
+MAX_PARAM_VALUE = 6000
+
+
+def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"trainer": {"lr": 1}} -> {"trainer.lr": "1"}; values truncated to MLflow's limit."""
+    flat: dict[str, str] = {}
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:MAX_PARAM_VALUE]
+    return flat
+
+
+def git_commit(repo_dir: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(repo_dir), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=True,
+        )
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def create_run(
+    uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
+    config_yaml: str,
+) -> str:
+    """Create the job's run (experiment too, if new) and log what describes it. Returns its id."""
+    from mlflow.entities import Param, RunTag
+
+    c = client(uri)
+    exp = c.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else c.create_experiment(experiment)
+    run = c.create_run(exp_id, run_name=run_name, tags=tags)
+    run_id = run.info.run_id
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), PARAM_BATCH):
+        c.log_batch(run_id, params=items[i : i + PARAM_BATCH])
+    c.log_text(run_id, config_yaml, "config.yaml")
+    c.log_batch(run_id, tags=[RunTag("mlflow.note.content", tags.get("orchestrator.command", ""))])
+    return run_id
+
+
+def end_run(uri: str, run_id: str, status: str, error: str | None = None) -> None:
+    """Set FINISHED / FAILED / KILLED. Never raises: this runs on the way out of failures."""
+    try:
+        c = client(uri)
+        if error:
+            c.set_tag(run_id, "error", error[:5000])
+        c.set_terminated(run_id, status)
+    except Exception as exc:  # the run stays RUNNING; say so loudly rather than crash twice
+        log.error("could not mark MLflow run %s as %s: %s", run_id, status, exc)
+
+
+def log_metrics_now(uri: str, run_id: str, metrics: dict[str, float], step: int) -> None:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+
+def log_model_and_finish(
+    uri: str, run_id: str, model, input_example, register_as: str | None, alias: str
+) -> tuple[str, str | None]:
+    """Log the trained model (signature, input example), register it under an alias, and mark
+    the run FINISHED — or FAILED, if logging or registering raises."""
+    import mlflow
+    import mlflow.pytorch
+    import numpy
+    import torch
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(uri)
+    model = model.cpu().eval()
+    with torch.no_grad():
+        output = model(input_example)
+    example = input_example.numpy()
+    # Explicit requirements: MLflow's inference of them loads the model in a subprocess.
+    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
+                    f"numpy=={numpy.__version__}"]
+    version = None
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        info = mlflow.pytorch.log_model(
+            model, name="model", signature=infer_signature(example, output.numpy()),
+            input_example=example, registered_model_name=register_as,
+            pip_requirements=requirements,
+        )
+        if register_as:
+            version = str(info.registered_model_version)
+            client(uri).set_registered_model_alias(register_as, alias, version)
+    return info.model_uri, version
+
+
+class NullMetricLogger:
+    """For ranks other than 0, and for tests that don't track."""
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
+class MetricLogger:
+    """Buffers metrics on rank 0 and sends them in batches, idempotently across restarts.
+
+    After a worker-group restart the loop replays from the latest checkpoint. Any step the
+    failed attempt already delivered is skipped (the replay is deterministic, so the values
+    are the same), which keeps every metric step present exactly once.
+    """
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self.client = client(uri)
+        self.buffer: list[Any] = []
+        self.delivered = self._delivered_steps()
+
+    def _delivered_steps(self) -> dict[str, int]:
+        latest = self.client.get_run(self.run_id).data.metrics
+        return {
+            key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
+            for key in latest
+        }
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        for key, value in metrics.items():
+            if step > self.delivered.get(key, -1):
+                self.buffer.append(Metric(key, float(value), now, step))
+
+    def flush(self) -> None:
+        """Send what is buffered. On failure keep it and retry at the next flush."""
+        while self.buffer:
+            chunk = self.buffer[:METRIC_BATCH]
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk)
+            except Exception as exc:
+                log.warning("MLflow unreachable, keeping %d metrics for later: %s", len(self.buffer), exc)
+                return
+            for m in chunk:
+                self.delivered[m.key] = max(self.delivered.get(m.key, -1), m.step)
+            del self.buffer[: len(chunk)]
+
+
+def config_yaml(cfg: dict[str, Any]) -> str:
+    import yaml
+
+    out = io.StringIO()
+    yaml.safe_dump(cfg, out, sort_keys=False)
+    return out.getvalue()
