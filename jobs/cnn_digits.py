@@ -51,8 +51,13 @@ class RandomAffine(nn.Module):
 
         angle, zoom = uniform(self.rotate), 1 + uniform(self.scale)
         cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
-        theta = torch.stack([torch.stack([cos, -sin, uniform(self.shift)], 1),
-                             torch.stack([sin, cos, uniform(self.shift)], 1)], 1)
+        theta = torch.stack(
+            [
+                torch.stack([cos, -sin, uniform(self.shift)], 1),
+                torch.stack([sin, cos, uniform(self.shift)], 1),
+            ],
+            1,
+        )
         grid = F.affine_grid(theta, list(x.shape), align_corners=False)
         return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
@@ -60,22 +65,31 @@ class RandomAffine(nn.Module):
 def conv_block(c_in: int, c_out: int, batch_norm: bool) -> nn.Sequential:
     norm = nn.BatchNorm2d if batch_norm else nn.Identity
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, padding=1), norm(c_out), nn.ReLU(),
-        nn.Conv2d(c_out, c_out, 3, padding=1), norm(c_out), nn.ReLU(),
+        nn.Conv2d(c_in, c_out, 3, padding=1),
+        norm(c_out),
+        nn.ReLU(),
+        nn.Conv2d(c_out, c_out, 3, padding=1),
+        norm(c_out),
+        nn.ReLU(),
         nn.MaxPool2d(2),
     )
 
 
 def build_model(cfg: CnnDigitsConfig, splits: Splits) -> nn.Module:
     c = cfg.channels
-    augment = RandomAffine(cfg.max_shift_px, cfg.max_rotate_deg, cfg.max_scale) if cfg.augment else nn.Identity()
+    augment = (
+        RandomAffine(cfg.max_shift_px, cfg.max_rotate_deg, cfg.max_scale)
+        if cfg.augment
+        else nn.Identity()
+    )
     return nn.Sequential(
         augment,
         conv_block(1, c, cfg.batch_norm),  # 8×8 → 4×4
         conv_block(c, 2 * c, cfg.batch_norm),  # 4×4 → 2×2
         nn.Flatten(),
         nn.Dropout(cfg.dropout),
-        nn.Linear(2 * c * 4, 128), nn.ReLU(),
+        nn.Linear(2 * c * 4, 128),
+        nn.ReLU(),
         nn.Dropout(cfg.dropout),
         nn.Linear(128, 10),
     )

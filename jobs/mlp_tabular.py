@@ -32,7 +32,9 @@ def build_data(cfg: MlpTabularConfig) -> Splits:
     from sklearn.datasets import load_breast_cancer
 
     data = load_breast_cancer()
-    x_tr, x_va, y_tr, y_va = stratified_split(data.data.astype("float32"), data.target, cfg.split_seed)
+    x_tr, x_va, y_tr, y_va = stratified_split(
+        data.data.astype("float32"), data.target, cfg.split_seed
+    )
     x_tr, x_va = standardise(x_tr, x_va)
     return tensor_splits(x_tr, y_tr, x_va, y_va, num_features=x_tr.shape[1], num_classes=2)
 
@@ -41,8 +43,12 @@ def build_model(cfg: MlpTabularConfig, splits: Splits) -> nn.Module:
     layers: list[nn.Module] = []
     width = splits.info["num_features"]
     for h in cfg.hidden:
-        layers += [nn.Linear(width, h), nn.BatchNorm1d(h) if cfg.batch_norm else nn.Identity(),
-                   nn.ReLU(), nn.Dropout(cfg.dropout)]
+        layers += [
+            nn.Linear(width, h),
+            nn.BatchNorm1d(h) if cfg.batch_norm else nn.Identity(),
+            nn.ReLU(),
+            nn.Dropout(cfg.dropout),
+        ]
         width = h
     layers.append(nn.Linear(width, splits.info["num_classes"]))
     return nn.Sequential(*layers)

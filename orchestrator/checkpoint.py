@@ -41,7 +41,11 @@ def save(state: dict[str, Any], directory: str | os.PathLike) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     state_path = directory / STATE_FILE
     _atomic_write(state_path, lambda p: torch.save(state, p))
-    meta = {"sha256": _sha256(state_path), "epoch": state.get("epoch"), "step": state.get("global_step")}
+    meta = {
+        "sha256": _sha256(state_path),
+        "epoch": state.get("epoch"),
+        "step": state.get("global_step"),
+    }
     _atomic_write(directory / META_FILE, lambda p: p.write_text(json.dumps(meta)))
 
 

@@ -33,7 +33,9 @@ def _default_job() -> str:
     for entry in yaml.safe_load((CONF_DIR / "config.yaml").read_text())["defaults"]:
         if isinstance(entry, dict) and "job" in entry:
             return entry["job"]
-    raise UserError("job", "no job chosen", f"add job=<name>; one of: {', '.join(available('job'))}")
+    raise UserError(
+        "job", "no job chosen", f"add job=<name>; one of: {', '.join(available('job'))}"
+    )
 
 
 def _chosen_job(overrides: list[str]) -> str:
@@ -53,8 +55,11 @@ def _parse(parser, overrides: list[str]):
         return parser.parse_overrides(overrides)
     except OverrideParseException as exc:
         bad = next((o for o in overrides if _unparseable(parser, o)), " ".join(overrides))
-        raise UserError(bad, f"cannot parse this override ({str(exc).splitlines()[0]})",
-                        "write key=value; quote values with spaces or brackets") from None
+        raise UserError(
+            bad,
+            f"cannot parse this override ({str(exc).splitlines()[0]})",
+            "write key=value; quote values with spaces or brackets",
+        ) from None
 
 
 def _unparseable(parser, override: str) -> bool:
@@ -71,7 +76,9 @@ def register_job(name: str):
     from orchestrator.job import load_job
 
     if name not in available("job"):
-        raise UserError("job", f"unknown job '{name}'", f"choose one of: {', '.join(available('job'))}")
+        raise UserError(
+            "job", f"unknown job '{name}'", f"choose one of: {', '.join(available('job'))}"
+        )
     spec = load_job(name)
     register_schemas({name: spec.config})
     return spec
@@ -89,13 +96,16 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)
-        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        plain: Any = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
     except Exception as exc:
         raise _as_user_error(exc) from None
     assert isinstance(plain, dict)
     if plain["job"]["name"] != name:
-        raise UserError("job.name", f"is '{plain['job']['name']}' but the job chosen is '{name}'",
-                        f"choose jobs with job=<name> and leave job.name alone")
+        raise UserError(
+            "job.name",
+            f"is '{plain['job']['name']}' but the job chosen is '{name}'",
+            "choose jobs with job=<name> and leave job.name alone",
+        )
     check_known_keys(plain, spec.config)
     validate(plain)
     return plain
@@ -118,7 +128,11 @@ def _as_user_error(exc: Exception) -> UserError:
         m = re.search(r"Could not find '([^']+)/([^'/]+)'", str(exc))
         if m:
             group, option = m.groups()
-            return UserError(group, f"unknown {group} '{option}'", f"choose one of: {', '.join(available(group))}")
+            return UserError(
+                group,
+                f"unknown {group} '{option}'",
+                f"choose one of: {', '.join(available(group))}",
+            )
         return UserError("config", first, "check the config name")
     if isinstance(cause, ValidationError):
         m = re.search(r"Value '(.*)' of type '(\w+)' could not be converted to (\w+)", first)
@@ -127,8 +141,11 @@ def _as_user_error(exc: Exception) -> UserError:
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)):
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         where = f" --package {parent}" if parent else ""
-        return UserError(key or "override", "unknown key",
-                         f"check the spelling; list the valid keys with `orchestrate --cfg job{where}`")
+        return UserError(
+            key or "override",
+            "unknown key",
+            f"check the spelling; list the valid keys with `orchestrate --cfg job{where}`",
+        )
     if isinstance(cause, MissingMandatoryValue):
         return UserError(key, "has no value", f"set {key}=<value>")
     return UserError("config", first, "fix the config or the override")
@@ -159,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
             _hydra_app(argv)
             return 0
         if args.multirun:
-            raise UserError("-m", "sweeps are not available in this version", "run single jobs without -m")
+            raise UserError(
+                "-m", "sweeps are not available in this version", "run single jobs without -m"
+            )
         cfg = compose_config(args.overrides)
         from orchestrator.runner import run_job
 
@@ -167,3 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -122,8 +122,11 @@ def register_schemas(job_schemas: dict[str, type]) -> None:
 
 def check_known_keys(cfg: dict[str, Any], job_schema: type) -> None:
     """Reject keys the schema doesn't have, including ones added with Hydra's `+key=value`."""
-    sections = {f.name: f.default_factory for f in dataclasses.fields(Config)
-                if f.default_factory is not dataclasses.MISSING}
+    sections: dict[str, Any] = {
+        f.name: f.default_factory
+        for f in dataclasses.fields(Config)
+        if f.default_factory is not dataclasses.MISSING
+    }
     sections["job"] = job_schema
     _check_fields(cfg, Config, "")
     for name, schema in sections.items():
@@ -134,8 +137,11 @@ def _check_fields(values: dict[str, Any], schema: Any, prefix: str) -> None:
     known = [f.name for f in dataclasses.fields(schema)]
     for key in values:
         if key not in known:
-            raise UserError(f"{prefix}{key}", "unknown key",
-                            f"valid keys under {prefix.rstrip('.') or 'the root'}: {', '.join(known)}")
+            raise UserError(
+                f"{prefix}{key}",
+                "unknown key",
+                f"valid keys under {prefix.rstrip('.') or 'the root'}: {', '.join(known)}",
+            )
 
 
 def _require(ok: bool, key: str, problem: str, fix: str) -> None:
@@ -147,40 +153,108 @@ def validate(cfg: dict[str, Any]) -> None:
     """Range and cross-field checks on the resolved config (types were checked by Hydra)."""
     t, o, s = cfg["trainer"], cfg["optim"], cfg["sched"]
     for key in ("num_workers", "max_epochs", "batch_size", "grad_accum_steps"):
-        _require(t[key] >= 1, f"trainer.{key}", f"must be at least 1, got {t[key]}",
-                 f"set trainer.{key}=1 or more")
-    _require(t["max_failures"] >= 0, "trainer.max_failures",
-             f"must be 0 or more, got {t['max_failures']}", "set trainer.max_failures=0 to disable restarts")
-    _require(t["cpus_per_worker"] > 0, "trainer.cpus_per_worker",
-             f"must be positive, got {t['cpus_per_worker']}", "set trainer.cpus_per_worker=1")
-    _require(t["grad_clip"] >= 0, "trainer.grad_clip", f"must be 0 (off) or positive, got {t['grad_clip']}",
-             "set trainer.grad_clip=1.0 or 0")
-    _require(t["log_every_n_steps"] >= 1, "trainer.log_every_n_steps",
-             f"must be at least 1, got {t['log_every_n_steps']}", "set trainer.log_every_n_steps=10")
-    _require(t["threads_per_worker"] >= 0, "trainer.threads_per_worker",
-             f"must be 0 (auto) or more, got {t['threads_per_worker']}", "set trainer.threads_per_worker=0")
-    _require(t["precision"] in PRECISIONS, "trainer.precision", f"unknown precision '{t['precision']}'",
-             f"choose one of: {', '.join(PRECISIONS)}")
-    _require(o["name"] in OPTIMIZERS, "optim.name", f"unknown optimizer '{o['name']}'",
-             f"choose one of: {', '.join(OPTIMIZERS)}")
+        _require(
+            t[key] >= 1,
+            f"trainer.{key}",
+            f"must be at least 1, got {t[key]}",
+            f"set trainer.{key}=1 or more",
+        )
+    _require(
+        t["max_failures"] >= 0,
+        "trainer.max_failures",
+        f"must be 0 or more, got {t['max_failures']}",
+        "set trainer.max_failures=0 to disable restarts",
+    )
+    _require(
+        t["cpus_per_worker"] > 0,
+        "trainer.cpus_per_worker",
+        f"must be positive, got {t['cpus_per_worker']}",
+        "set trainer.cpus_per_worker=1",
+    )
+    _require(
+        t["grad_clip"] >= 0,
+        "trainer.grad_clip",
+        f"must be 0 (off) or positive, got {t['grad_clip']}",
+        "set trainer.grad_clip=1.0 or 0",
+    )
+    _require(
+        t["log_every_n_steps"] >= 1,
+        "trainer.log_every_n_steps",
+        f"must be at least 1, got {t['log_every_n_steps']}",
+        "set trainer.log_every_n_steps=10",
+    )
+    _require(
+        t["threads_per_worker"] >= 0,
+        "trainer.threads_per_worker",
+        f"must be 0 (auto) or more, got {t['threads_per_worker']}",
+        "set trainer.threads_per_worker=0",
+    )
+    _require(
+        t["precision"] in PRECISIONS,
+        "trainer.precision",
+        f"unknown precision '{t['precision']}'",
+        f"choose one of: {', '.join(PRECISIONS)}",
+    )
+    _require(
+        o["name"] in OPTIMIZERS,
+        "optim.name",
+        f"unknown optimizer '{o['name']}'",
+        f"choose one of: {', '.join(OPTIMIZERS)}",
+    )
     _require(o["lr"] > 0, "optim.lr", f"must be positive, got {o['lr']}", "set e.g. optim.lr=1e-3")
-    _require(o["weight_decay"] >= 0, "optim.weight_decay", f"must be 0 or more, got {o['weight_decay']}",
-             "set optim.weight_decay=0")
-    _require(0 <= o["momentum"] < 1, "optim.momentum", f"must be in [0, 1), got {o['momentum']}",
-             "set optim.momentum=0.9")
-    _require(len(o["betas"]) == 2 and all(0 <= b < 1 for b in o["betas"]), "optim.betas",
-             f"must be two numbers in [0, 1), got {o['betas']}", "set optim.betas=[0.9,0.999]")
-    _require(s["name"] in SCHEDULES, "sched.name", f"unknown schedule '{s['name']}'",
-             f"choose one of: {', '.join(SCHEDULES)}")
-    _require(0 <= s["warmup_epochs"] <= t["max_epochs"], "sched.warmup_epochs",
-             f"must be between 0 and trainer.max_epochs ({t['max_epochs']}), got {s['warmup_epochs']}",
-             "lower sched.warmup_epochs")
-    _require(0 <= s["min_lr_ratio"] <= 1, "sched.min_lr_ratio", f"must be in [0, 1], got {s['min_lr_ratio']}",
-             "set sched.min_lr_ratio=0")
+    _require(
+        o["weight_decay"] >= 0,
+        "optim.weight_decay",
+        f"must be 0 or more, got {o['weight_decay']}",
+        "set optim.weight_decay=0",
+    )
+    _require(
+        0 <= o["momentum"] < 1,
+        "optim.momentum",
+        f"must be in [0, 1), got {o['momentum']}",
+        "set optim.momentum=0.9",
+    )
+    _require(
+        len(o["betas"]) == 2 and all(0 <= b < 1 for b in o["betas"]),
+        "optim.betas",
+        f"must be two numbers in [0, 1), got {o['betas']}",
+        "set optim.betas=[0.9,0.999]",
+    )
+    _require(
+        s["name"] in SCHEDULES,
+        "sched.name",
+        f"unknown schedule '{s['name']}'",
+        f"choose one of: {', '.join(SCHEDULES)}",
+    )
+    _require(
+        0 <= s["warmup_epochs"] <= t["max_epochs"],
+        "sched.warmup_epochs",
+        f"must be between 0 and trainer.max_epochs ({t['max_epochs']}), got {s['warmup_epochs']}",
+        "lower sched.warmup_epochs",
+    )
+    _require(
+        0 <= s["min_lr_ratio"] <= 1,
+        "sched.min_lr_ratio",
+        f"must be in [0, 1], got {s['min_lr_ratio']}",
+        "set sched.min_lr_ratio=0",
+    )
     c = cfg["cluster"]
-    _require(c["num_cpus"] is None or c["num_cpus"] >= 1, "cluster.num_cpus",
-             f"must be at least 1, got {c['num_cpus']}", "leave cluster.num_cpus unset to use every core")
+    _require(
+        c["num_cpus"] is None or c["num_cpus"] >= 1,
+        "cluster.num_cpus",
+        f"must be at least 1, got {c['num_cpus']}",
+        "leave cluster.num_cpus unset to use every core",
+    )
     tr = cfg["tracking"]
-    _require(bool(tr["experiment"].strip()), "tracking.experiment", "must not be empty",
-             "set tracking.experiment=<name>")
-    _require(bool(tr["alias"].strip()), "tracking.alias", "must not be empty", "set tracking.alias=champion")
+    _require(
+        bool(tr["experiment"].strip()),
+        "tracking.experiment",
+        "must not be empty",
+        "set tracking.experiment=<name>",
+    )
+    _require(
+        bool(tr["alias"].strip()),
+        "tracking.alias",
+        "must not be empty",
+        "set tracking.alias=champion",
+    )

@@ -43,7 +43,9 @@ class LocalContext:
         self.reports: list[dict[str, float]] = []
 
     def latest_checkpoint(self):
-        if self.checkpoint_dir and os.path.exists(os.path.join(self.checkpoint_dir, checkpoint.META_FILE)):
+        if self.checkpoint_dir and os.path.exists(
+            os.path.join(self.checkpoint_dir, checkpoint.META_FILE)
+        ):
             return checkpoint.load(self.checkpoint_dir)
         return None
 

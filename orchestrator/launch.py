@@ -18,6 +18,9 @@ from orchestrator.errors import UserError
 # Ray only binds its servers to 127.0.0.1 (instead of the machine's network address) when it
 # believes it runs on a laptop OS; this switch, read at `import ray`, asks for exactly that.
 _LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+# Ray Train V2's controller polls its workers every 2 s, and a report that carries a
+# checkpoint waits for that poll: 2 s lost per epoch. 0.25 s cuts it to ~0.25 s (measured).
+_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 
 
 @dataclass
@@ -50,13 +53,18 @@ def connect(cluster: dict[str, Any]) -> ClusterResources:
         # carries code through the Jobs API instead.
     )
     if cluster["address"] is None:
+        for key, value in _POLL_ENV.items():  # inherited by the processes the embedded Ray starts
+            os.environ.setdefault(key, value)
         ray.init(num_cpus=cluster["num_cpus"] or os.cpu_count(), include_dashboard=False, **common)
     else:
         try:
-            ray.init(address=cluster["address"], **common)
+            ray.init(address=cluster["address"], runtime_env={"env_vars": _POLL_ENV}, **common)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            raise UserError("cluster.address", f"cannot join Ray cluster at '{cluster['address']}' ({_first_line(exc)})",
-                            "start the cluster (`ray start --head`) or fix cluster.address") from None
+            raise UserError(
+                "cluster.address",
+                f"cannot join Ray cluster at '{cluster['address']}' ({_first_line(exc)})",
+                "start the cluster (`ray start --head`) or fix cluster.address",
+            ) from None
     return current_resources()
 
 
@@ -78,8 +86,11 @@ def check_placeable(trainer: dict[str, Any], use_gpu: bool, res: ClusterResource
             f"use trainer.num_workers<={int(res.cpus // trainer['cpus_per_worker'])} or a bigger cluster",
         )
     if use_gpu and trainer["num_workers"] > res.gpus:
-        raise UserError("trainer.use_gpu", f"{trainer['num_workers']} GPU workers but the cluster has {res.gpus:g} GPUs",
-                        "set trainer.use_gpu=false or lower trainer.num_workers")
+        raise UserError(
+            "trainer.use_gpu",
+            f"{trainer['num_workers']} GPU workers but the cluster has {res.gpus:g} GPUs",
+            "set trainer.use_gpu=false or lower trainer.num_workers",
+        )
 
 
 def make_progress_queue():
@@ -89,8 +100,14 @@ def make_progress_queue():
     return Queue(maxsize=10_000, actor_options={"num_cpus": 0})
 
 
-def fit(cfg: dict[str, Any], run_id: str | None, use_gpu: bool, storage_path: str, name: str,
-        progress_queue) -> Any:
+def fit(
+    cfg: dict[str, Any],
+    run_id: str | None,
+    use_gpu: bool,
+    storage_path: str,
+    name: str,
+    progress_queue,
+) -> Any:
     """Run the job's workers to completion. Returns Ray's Result; raises on training failure."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -104,7 +121,8 @@ def fit(cfg: dict[str, Any], run_id: str | None, use_gpu: bool, storage_path: st
         # gloo on CPU, NCCL on GPU: set explicitly so the choice is visible, not inferred.
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
-            num_workers=t["num_workers"], use_gpu=use_gpu,
+            num_workers=t["num_workers"],
+            use_gpu=use_gpu,
             resources_per_worker={"CPU": t["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})},
         ),
         run_config=RunConfig(

@@ -45,10 +45,16 @@ class LoopResult:
 
 def build_optimizer(params, cfg: dict[str, Any]) -> torch.optim.Optimizer:
     if cfg["name"] == "sgd":
-        return torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"],
-                               nesterov=cfg["nesterov"], weight_decay=cfg["weight_decay"])
-    return torch.optim.AdamW(params, lr=cfg["lr"], betas=tuple(cfg["betas"]),
-                             weight_decay=cfg["weight_decay"])
+        return torch.optim.SGD(
+            params,
+            lr=cfg["lr"],
+            momentum=cfg["momentum"],
+            nesterov=cfg["nesterov"],
+            weight_decay=cfg["weight_decay"],
+        )
+    return torch.optim.AdamW(
+        params, lr=cfg["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"]
+    )
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, name: str, min_ratio: float) -> float:
@@ -92,7 +98,9 @@ def to_device(batch, device: torch.device):
     return batch
 
 
-def evaluate(job: JobSpec, model: nn.Module, loader: DataLoader, device, autocast) -> dict[str, float]:
+def evaluate(
+    job: JobSpec, model: nn.Module, loader: DataLoader, device, autocast
+) -> dict[str, float]:
     """Means of the job's per-sample eval values over the whole held-out set (all shards)."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
@@ -104,7 +112,9 @@ def evaluate(job: JobSpec, model: nn.Module, loader: DataLoader, device, autocas
                 sums[key] = sums.get(key, 0) + v.detach().double().sum()
             count += len(next(iter(values.values())))
     keys = sorted(sums)
-    packed = torch.stack([torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys] + [count])
+    packed = torch.stack(
+        [torch.as_tensor(sums[k], dtype=torch.float64, device=device) for k in keys] + [count]
+    )
     packed = all_reduce_sum(packed)
     total = packed[-1].item()
     model.train()
@@ -126,10 +136,11 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
     seed_everything(seed, 0, 0)  # same initial weights on every rank (DDP also broadcasts them)
     splits = job.build_data(jcfg)
     model = job.build_model(jcfg, splits).to(device)
-    sampler = DistributedSampler(splits.train, num_replicas=ctx.world_size, rank=ctx.rank,
-                                 shuffle=True, seed=seed)
+    sampler: DistributedSampler = DistributedSampler(
+        splits.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
+    )
     train_loader = DataLoader(splits.train, batch_size=tcfg["batch_size"], sampler=sampler)
-    val_shard = Subset(splits.val, range(ctx.rank, len(splits.val), ctx.world_size))
+    val_shard = Subset(splits.val, range(ctx.rank, len(splits.val), ctx.world_size))  # type: ignore[arg-type]
     val_loader = DataLoader(val_shard, batch_size=max(256, tcfg["batch_size"]))
     accum = tcfg["grad_accum_steps"]
     steps_per_epoch = math.ceil(len(train_loader) / accum)
@@ -150,7 +161,11 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         start_epoch, global_step = state["epoch"], state["global_step"]
 
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
-    metrics_out = MetricLogger(cfg["tracking"]["uri"], run_id) if (run_id and ctx.rank == 0) else NullMetricLogger()
+    metrics_out = (
+        MetricLogger(cfg["tracking"]["uri"], run_id)
+        if (run_id and ctx.rank == 0)
+        else NullMetricLogger()
+    )
     started_at = cfg.get("launch", {}).get("started_at")
     clip = tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -161,19 +176,27 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         sampler.set_epoch(epoch)
         ddp.train()
         epoch_start = time.perf_counter()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # [sum, batches] this log window
+        loss_sum = torch.zeros(
+            2, dtype=torch.float64, device=device
+        )  # [sum, batches] this log window
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)
         samples = 0
         for micro, batch in enumerate(train_loader):
             batch = to_device(batch, device)
             sync = (micro + 1) % accum == 0 or micro + 1 == len(train_loader)
             # Accumulation: skip DDP's gradient all-reduce on all but the last micro-batch.
-            no_sync = ddp.no_sync() if (not sync and isinstance(ddp, DistributedDataParallel)) else nullcontext()
+            no_sync = (
+                ddp.no_sync()
+                if (not sync and isinstance(ddp, DistributedDataParallel))
+                else nullcontext()
+            )
             with no_sync:
                 with autocast():
                     loss = job.training_step(ddp, batch)
                 (loss / accum).backward()
-            loss_sum += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            loss_sum += torch.stack(
+                [loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)]
+            )
             samples += len(job.model_input(batch))
             if not sync:
                 continue
@@ -182,8 +205,10 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             if not torch.isfinite(grad_norm):
                 metrics_out.flush()
-                msg = (f"non-finite loss or gradient (loss={loss.item():.4g}, grad norm={grad_norm.item():.4g}) "
-                       f"at epoch {epoch + 1}, step {global_step + 1}: lower optim.lr or set trainer.grad_clip")
+                msg = (
+                    f"non-finite loss or gradient (loss={loss.item():.4g}, grad norm={grad_norm.item():.4g}) "
+                    f"at epoch {epoch + 1}, step {global_step + 1}: lower optim.lr or set trainer.grad_clip"
+                )
                 result = LoopResult("nonfinite", epoch, global_step, last, msg)
                 ctx.progress({"type": "outcome", **result.__dict__})
                 return result
@@ -200,9 +225,17 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
                 loss_sum.zero_()
                 lr = scheduler.get_last_lr()[0]
                 metrics_out.log({"train/loss": train_loss, "train/lr": lr}, step=global_step)
-                ctx.progress({"type": "step", "epoch": epoch + 1, "epochs": tcfg["max_epochs"],
-                              "step": global_step, "steps_per_epoch": steps_per_epoch,
-                              "loss": train_loss, "lr": lr})
+                ctx.progress(
+                    {
+                        "type": "step",
+                        "epoch": epoch + 1,
+                        "epochs": tcfg["max_epochs"],
+                        "step": global_step,
+                        "steps_per_epoch": steps_per_epoch,
+                        "loss": train_loss,
+                        "lr": lr,
+                    }
+                )
 
         epoch_loss = all_reduce_sum(epoch_loss + loss_sum)
         seconds = time.perf_counter() - epoch_start
@@ -218,12 +251,25 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         metrics_out.flush()
         state = None
         if ctx.rank == 0:
-            state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "epoch": epoch + 1,
-                     "global_step": global_step, "torch_rng": torch.get_rng_state()}
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch + 1,
+                "global_step": global_step,
+                "torch_rng": torch.get_rng_state(),
+            }
         ctx.report(last, state)
-        ctx.progress({"type": "epoch", "epoch": epoch + 1, "epochs": tcfg["max_epochs"],
-                      "step": global_step, "metrics": last, "main_metric": job.main_metric})
+        ctx.progress(
+            {
+                "type": "epoch",
+                "epoch": epoch + 1,
+                "epochs": tcfg["max_epochs"],
+                "step": global_step,
+                "metrics": last,
+                "main_metric": job.main_metric,
+            }
+        )
 
     metrics_out.flush()
     result = LoopResult("finished", tcfg["max_epochs"], global_step, last)
@@ -245,5 +291,7 @@ if __name__ == "__main__":  # single-process debugging without Ray or tracking
     from orchestrator.context import LocalContext
 
     cfg = compose_config(sys.argv[1:])
-    outcome = run(cfg, LocalContext(on_progress=lambda e: e["type"] == "epoch" and print(e["metrics"])))
+    outcome = run(
+        cfg, LocalContext(on_progress=lambda e: e["type"] == "epoch" and print(e["metrics"]))
+    )
     print(outcome.status, outcome.metrics)

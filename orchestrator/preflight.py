@@ -22,18 +22,21 @@ def resolve_tracking_uri(uri: str, cwd: str) -> str:
     """Make a relative sqlite path absolute: workers run in other directories."""
     prefix = "sqlite:///"
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + os.path.join(cwd, uri[len(prefix):])
+        return prefix + os.path.join(cwd, uri[len(prefix) :])
     return uri
 
 
 def check_tracking(uri: str) -> None:
     parsed = urllib.parse.urlparse(uri)
     if parsed.scheme == "sqlite":
-        path = uri[len("sqlite:///"):]
+        path = uri[len("sqlite:///") :]
         folder = os.path.dirname(path) or "."
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
-            raise UserError("tracking.uri", f"folder '{folder}' for the SQLite store does not exist or is not writable",
-                            "create it or point tracking.uri at a writable place")
+            raise UserError(
+                "tracking.uri",
+                f"folder '{folder}' for the SQLite store does not exist or is not writable",
+                "create it or point tracking.uri at a writable place",
+            )
         return
     if parsed.scheme in ("http", "https"):
         health = uri.rstrip("/") + "/health"
@@ -42,20 +45,32 @@ def check_tracking(uri: str) -> None:
                 response.read(64)
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403):
-                raise UserError("tracking.uri", f"MLflow server at {uri} refused the credentials (HTTP {exc.code})",
-                                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD") from None
+                raise UserError(
+                    "tracking.uri",
+                    f"MLflow server at {uri} refused the credentials (HTTP {exc.code})",
+                    "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD",
+                ) from None
             # Any other HTTP answer means something is listening; MLflow will say more.
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
-            raise UserError("tracking.uri", f"cannot reach MLflow server at {uri} ({reason})",
-                            "start the server or fix tracking.uri") from None
+            raise UserError(
+                "tracking.uri",
+                f"cannot reach MLflow server at {uri} ({reason})",
+                "start the server or fix tracking.uri",
+            ) from None
         return
     if parsed.scheme in ("", "file"):
-        raise UserError("tracking.uri", f"'{uri}' is a plain file store, which MLflow 3 no longer accepts by default",
-                        "use sqlite:///mlflow.db or an http:// MLflow server")
+        raise UserError(
+            "tracking.uri",
+            f"'{uri}' is a plain file store, which MLflow 3 no longer accepts by default",
+            "use sqlite:///mlflow.db or an http:// MLflow server",
+        )
     if parsed.scheme not in ("postgresql", "mysql", "mssql", "databricks"):
-        raise UserError("tracking.uri", f"unsupported scheme '{parsed.scheme}'",
-                        "use sqlite:///mlflow.db or an http:// MLflow server")
+        raise UserError(
+            "tracking.uri",
+            f"unsupported scheme '{parsed.scheme}'",
+            "use sqlite:///mlflow.db or an http:// MLflow server",
+        )
 
 
 def check_cluster(address: str | None) -> None:
@@ -69,17 +84,26 @@ def check_cluster(address: str | None) -> None:
         except ConnectionError:
             found = None
         if not found:
-            raise UserError("cluster.address", "'auto' found no running Ray cluster on this machine",
-                            "start one with `ray start --head` or leave cluster.address unset for an embedded one")
+            raise UserError(
+                "cluster.address",
+                "'auto' found no running Ray cluster on this machine",
+                "start one with `ray start --head` or leave cluster.address unset for an embedded one",
+            )
         return
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise UserError("cluster.address", f"'{address}' is not host:port, ray://host:port or auto",
-                        "e.g. cluster.address=127.0.0.1:6379")
+        raise UserError(
+            "cluster.address",
+            f"'{address}' is not host:port, ray://host:port or auto",
+            "e.g. cluster.address=127.0.0.1:6379",
+        )
     try:
         with socket.create_connection((host, int(port)), timeout=CLUSTER_TIMEOUT_S):
             pass
     except OSError as exc:
-        raise UserError("cluster.address", f"cannot reach Ray at {address} ({exc.strerror or exc})",
-                        "start the cluster (`ray start --head`) or fix cluster.address") from None
+        raise UserError(
+            "cluster.address",
+            f"cannot reach Ray at {address} ({exc.strerror or exc})",
+            "start the cluster (`ray start --head`) or fix cluster.address",
+        ) from None

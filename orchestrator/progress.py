@@ -42,10 +42,12 @@ class ProgressDisplay:
             elapsed = time.monotonic() - self.start
             eta = elapsed / event["epoch"] * (event["epochs"] - event["epoch"])
             main = m.get(self.main_metric)
-            line = (f"epoch {event['epoch']:>3}/{event['epochs']}  train_loss {m['train/loss_epoch']:.4f}  "
-                    f"val_loss {m.get('val/loss', float('nan')):.4f}  "
-                    + (f"{self.main_metric} {main:.4f}  " if main is not None else "")
-                    + f"{m['train/samples_per_s']:.0f} samples/s  ETA {_fmt_eta(eta)}")
+            line = (
+                f"epoch {event['epoch']:>3}/{event['epochs']}  train_loss {m['train/loss_epoch']:.4f}  "
+                f"val_loss {m.get('val/loss', float('nan')):.4f}  "
+                + (f"{self.main_metric} {main:.4f}  " if main is not None else "")
+                + f"{m['train/samples_per_s']:.0f} samples/s  ETA {_fmt_eta(eta)}"
+            )
             self._line(line)
         elif kind == "outcome":
             self.outcome = event

@@ -11,6 +11,7 @@ Order matters and is the point of this module:
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import signal
@@ -50,6 +51,8 @@ def prepare(cfg: dict[str, Any], cwd: str) -> None:
 
 
 def run_job(cfg: dict[str, Any], argv: list[str], overrides: list[str], started_at: float) -> int:
+    # MLflow announces schema migrations of a new SQLite store at INFO; users need none of it.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     prepare(cfg, os.getcwd())
     tcfg, ccfg, trk = cfg["trainer"], cfg["cluster"], cfg["tracking"]
     name = cfg["job"]["name"]
@@ -61,7 +64,10 @@ def run_job(cfg: dict[str, Any], argv: list[str], overrides: list[str], started_
         embedded = launch.embedded_resources(ccfg)
         use_gpu = tcfg["use_gpu"] if tcfg["use_gpu"] is not None else embedded.gpus > 0
         launch.check_placeable(tcfg, use_gpu, embedded)
-    print(f"Starting Ray ({'embedded, loopback only' if ccfg['address'] is None else ccfg['address']}) ...", flush=True)
+    print(
+        f"Starting Ray ({'embedded, loopback only' if ccfg['address'] is None else ccfg['address']}) ...",
+        flush=True,
+    )
     resources = launch.connect(ccfg)
     try:
         use_gpu = tcfg["use_gpu"] if tcfg["use_gpu"] is not None else resources.gpus > 0
@@ -76,12 +82,23 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu) -> int:
     name = cfg["job"]["name"]
     command = "orchestrate " + " ".join(shlex.quote(a) for a in argv)
     commit = tracking.git_commit(PROJECT_DIR)
-    tags = {"job": name, "orchestrator.overrides": " ".join(overrides), "orchestrator.command": command,
-            "mlflow.source.name": "orchestrate", "use_gpu": str(use_gpu)}
+    tags = {
+        "job": name,
+        "orchestrator.overrides": " ".join(overrides),
+        "orchestrator.command": command,
+        "mlflow.source.name": "orchestrate",
+        "use_gpu": str(use_gpu),
+    }
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    run_id = tracking.create_run(trk["uri"], trk["experiment"], trk["run_name"] or _run_name(name, overrides),
-                                 tracking.flatten(cfg), tags, tracking.config_yaml(cfg))
+    run_id = tracking.create_run(
+        trk["uri"],
+        trk["experiment"],
+        trk["run_name"] or _run_name(name, overrides),
+        tracking.flatten(cfg),
+        tags,
+        tracking.config_yaml(cfg),
+    )
     print(f"MLflow run {run_id} (experiment '{trk['experiment']}', {trk['uri']})", flush=True)
     cfg = {**cfg, "launch": {"started_at": started_at}}
 
@@ -90,8 +107,9 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu) -> int:
     t0 = time.monotonic()
     try:
         queue = launch.make_progress_queue()
-        thread, box = launch.fit_in_background(cfg, run_id, use_gpu, cfg["cluster"]["storage_path"],
-                                               f"{name}-{run_id}", queue)
+        thread, box = launch.fit_in_background(
+            cfg, run_id, use_gpu, cfg["cluster"]["storage_path"], f"{name}-{run_id}", queue
+        )
         while thread.is_alive():
             drain(queue, display)
         drain(queue, display, timeout=0.5)
@@ -99,16 +117,23 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu) -> int:
             raise TrainingFailed(_describe(box["error"]))
         outcome = display.outcome or {}
         if outcome.get("status") != "finished":
-            raise TrainingFailed(outcome.get("message") or "training ended without reporting an outcome")
+            raise TrainingFailed(
+                outcome.get("message") or "training ended without reporting an outcome"
+            )
         _finish(cfg, job, run_id, box["result"])
     except Interrupted as exc:
         _ignore_signals()
-        print(f"\n{exc} received: stopping workers; MLflow run {run_id} marked KILLED", file=sys.stderr)
+        print(
+            f"\n{exc} received: stopping workers; MLflow run {run_id} marked KILLED",
+            file=sys.stderr,
+        )
         tracking.end_run(trk["uri"], run_id, "KILLED", f"stopped by {exc}")
         return 128 + exc.signum
     except TrainingFailed as exc:
         _ignore_signals()
-        print(f"\nerror: training failed: {exc}\nMLflow run {run_id} marked FAILED", file=sys.stderr)
+        print(
+            f"\nerror: training failed: {exc}\nMLflow run {run_id} marked FAILED", file=sys.stderr
+        )
         tracking.end_run(trk["uri"], run_id, "FAILED", str(exc))
         return 1
     except BaseException as exc:
@@ -143,11 +168,15 @@ def _finish(cfg, job, run_id, result) -> None:
     model = job.build_model(jcfg, splits)
     model.load_state_dict(state["model"])
     example = job.model_input(next(iter(DataLoader(splits.val, batch_size=5))))
-    model_uri, version = tracking.log_model_and_finish(trk["uri"], run_id, model, example,
-                                                       trk["register_as"], trk["alias"])
+    model_uri, version = tracking.log_model_and_finish(
+        trk["uri"], run_id, model, example, trk["register_as"], trk["alias"]
+    )
     print(f"Model logged: {model_uri}", flush=True)
     if version:
-        print(f"Registered: models:/{trk['register_as']}@{trk['alias']} (version {version})", flush=True)
+        print(
+            f"Registered: models:/{trk['register_as']}@{trk['alias']} (version {version})",
+            flush=True,
+        )
 
 
 def _summary(display: ProgressDisplay, cfg, run_id: str, seconds: float) -> None:
@@ -159,7 +188,9 @@ def _summary(display: ProgressDisplay, cfg, run_id: str, seconds: float) -> None
     if uri.startswith("http"):
         print(f"Open the run: {uri.rstrip('/')}/#/experiments/0/runs/{run_id}")
     else:
-        print(f"Open the MLflow UI: mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+        print(
+            f"Open the MLflow UI: mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)"
+        )
 
 
 def _describe(error: BaseException) -> str:

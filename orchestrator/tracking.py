@@ -39,7 +39,10 @@ def git_commit(repo_dir: Path) -> str | None:
     try:
         out = subprocess.run(
             ["git", "-C", str(repo_dir), "rev-parse", "HEAD"],
-            capture_output=True, text=True, timeout=5, check=True,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
         )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
@@ -53,7 +56,11 @@ def client(uri: str):
 
 
 def create_run(
-    uri: str, experiment: str, run_name: str, params: dict[str, str], tags: dict[str, str],
+    uri: str,
+    experiment: str,
+    run_name: str,
+    params: dict[str, str],
+    tags: dict[str, str],
     config_yaml: str,
 ) -> str:
     """Create the job's run (experiment too, if new) and log what describes it. Returns its id."""
@@ -87,7 +94,9 @@ def log_metrics_now(uri: str, run_id: str, metrics: dict[str, float], step: int)
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    client(uri).log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    client(uri).log_batch(
+        run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+    )
 
 
 def log_model_and_finish(
@@ -107,13 +116,19 @@ def log_model_and_finish(
         output = model(input_example)
     example = input_example.numpy()
     # Explicit requirements: MLflow's inference of them loads the model in a subprocess.
-    requirements = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}",
-                    f"numpy=={numpy.__version__}"]
+    requirements = [
+        f"torch=={torch.__version__.split('+')[0]}",
+        f"mlflow=={mlflow.__version__}",
+        f"numpy=={numpy.__version__}",
+    ]
     version = None
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         info = mlflow.pytorch.log_model(
-            model, name="model", signature=infer_signature(example, output.numpy()),
-            input_example=example, registered_model_name=register_as,
+            model,
+            name="model",
+            signature=infer_signature(example, output.numpy()),
+            input_example=example,
+            registered_model_name=register_as,
             pip_requirements=requirements,
         )
         if register_as:
@@ -168,7 +183,9 @@ class MetricLogger:
             try:
                 self.client.log_batch(self.run_id, metrics=chunk)
             except Exception as exc:
-                log.warning("MLflow unreachable, keeping %d metrics for later: %s", len(self.buffer), exc)
+                log.warning(
+                    "MLflow unreachable, keeping %d metrics for later: %s", len(self.buffer), exc
+                )
                 return
             for m in chunk:
                 self.delivered[m.key] = max(self.delivered.get(m.key, -1), m.step)
