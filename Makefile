@@ -1,0 +1,39 @@
+# Targets mirror CI (.ci/run runs `make lint` then `make test`).
+# `make demo` and `make test` each install everything they need on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test test-fast lint format clean
+
+# torch is pinned to 2.13.0 in pyproject.toml: on CPU machines pip's find-links supplies the
+# CPU build; on GPU machines the same pin resolves to the ordinary CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)  ## train cnn_digits on 2 DDP workers (embedded Ray, ./mlflow.db)
+	$(BIN)/orchestrate job=cnn_digits trainer.num_workers=2
+
+test: $(STAMP)  ## the whole suite, as CI runs it
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)  ## everything except the end-to-end Ray runs
+	$(BIN)/python -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check orchestrator jobs tests
+	$(BIN)/ruff format --check orchestrator jobs tests
+	$(BIN)/mypy
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix orchestrator jobs tests
+	$(BIN)/ruff format orchestrator jobs tests
+
+clean:
+	rm -rf $(VENV) outputs mlflow.db .pytest_cache .ruff_cache .mypy_cache
