@@ -37,10 +37,27 @@ def embedded_resources(cluster: dict[str, Any]) -> ClusterResources:
     return ClusterResources(float(cluster["num_cpus"] or os.cpu_count() or 1), float(gpus))
 
 
+def _is_loopback(address: str | None) -> bool:
+    if address is None:
+        return True
+    if address == "auto":
+        from ray._private.services import canonicalize_bootstrap_address
+
+        address = canonicalize_bootstrap_address("auto") or ""
+    host = address.removeprefix("ray://").rpartition(":")[0]
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def connect(cluster: dict[str, Any]) -> ClusterResources:
     """Start the embedded Ray (cluster.address unset) or join an existing cluster."""
-    if cluster["address"] is None:
+    if _is_loopback(cluster["address"]):
+        # Set before `import ray` for the processes an embedded Ray starts; and on the
+        # already-imported constant for this driver, which must also see itself as 127.0.0.1
+        # to find a loopback-only raylet (otherwise it looks for one at the machine's IP).
         os.environ.setdefault(_LOOPBACK_ONLY, "0")
+        import ray._private.ray_constants as ray_constants
+
+        ray_constants.ENABLE_RAY_CLUSTER = False
     import ray
 
     if ray.is_initialized():

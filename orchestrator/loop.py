@@ -181,9 +181,12 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         )  # [sum, batches] this log window
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)
         samples = 0
+        n_micro = len(train_loader)
         for micro, batch in enumerate(train_loader):
             batch = to_device(batch, device)
-            sync = (micro + 1) % accum == 0 or micro + 1 == len(train_loader)
+            sync = (micro + 1) % accum == 0 or micro + 1 == n_micro
+            # The last group of an epoch may be short: average over the micro-batches it has.
+            group = accum if micro < n_micro - n_micro % accum else n_micro % accum
             # Accumulation: skip DDP's gradient all-reduce on all but the last micro-batch.
             no_sync = (
                 ddp.no_sync()
@@ -193,7 +196,7 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
             with no_sync:
                 with autocast():
                     loss = job.training_step(ddp, batch)
-                (loss / accum).backward()
+                (loss / group).backward()
             loss_sum += torch.stack(
                 [loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)]
             )

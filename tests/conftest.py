@@ -1,0 +1,127 @@
+"""Shared test fixtures.
+
+End-to-end tests (marked `slow`) run the real `orchestrate` command as a subprocess against
+one real Ray head started once per session (`ray start --head` on loopback, 2 CPUs), and
+check results through MLflow's own client. Only the README demo test starts an embedded Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+BIN = Path(sys.executable).parent
+ORCHESTRATE = str(BIN / "orchestrate")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_processes() -> set[int]:
+    """PIDs of Ray's per-cluster daemons and of training workers on this machine."""
+    pids = set()
+    for p in psutil.process_iter(["name", "cmdline"]):
+        try:
+            text = p.info["name"] + " " + " ".join(p.info["cmdline"] or [])
+        except (psutil.Error, TypeError):
+            continue
+        if any(k in text for k in ("raylet", "gcs_server", "RayTrainWorker")):
+            pids.add(p.pid)
+    return pids
+
+
+def train_workers() -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                found.append(p)
+        except psutil.Error:
+            continue
+    return found
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A real Ray head on loopback for the whole session; yields its address."""
+    port = _free_port()
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "disabled",  # token auth is issue #5's business; this head is loopback-only
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1 only
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+    }
+    ray = str(BIN / "ray")
+    subprocess.run(
+        [
+            ray,
+            "start",
+            "--head",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=false",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    yield f"127.0.0.1:{port}"
+    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 600, **kwargs
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [ORCHESTRATE, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, **kwargs
+    )
+
+
+def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [ORCHESTRATE, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+
+
+def tracking_uri(directory: Path) -> str:
+    return f"sqlite:///{directory / 'mlflow.db'}"
+
+
+def runs_of(directory: Path, experiment: str = "orchestrator"):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri(directory))
+    exp = client.get_experiment_by_name(experiment)
+    return [] if exp is None else client.search_runs([exp.experiment_id])
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            out = proc.stdout.read() if proc.stdout else ""
+            raise AssertionError(f"process ended (rc={proc.returncode}) before {what}:\n{out}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
