@@ -159,6 +159,7 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, global_step = state["epoch"], state["global_step"]
+        ctx.progress({"type": "resumed", "epoch": start_epoch, "step": global_step})
 
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
     metrics_out = (

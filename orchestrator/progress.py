@@ -26,6 +26,7 @@ class ProgressDisplay:
         self.best: float | None = None
         self.last_metrics: dict[str, float] = {}
         self.outcome: dict[str, Any] | None = None
+        self.first_epoch: tuple[int, float] | None = None
 
     def handle(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -39,8 +40,12 @@ class ProgressDisplay:
         elif kind == "epoch":
             m = event["metrics"]
             self.last_metrics = m
-            elapsed = time.monotonic() - self.start
-            eta = elapsed / event["epoch"] * (event["epochs"] - event["epoch"])
+            now = time.monotonic()
+            if self.first_epoch is None:  # time per epoch, measured after start-up
+                self.first_epoch = (event["epoch"], now)
+            done, since = event["epoch"] - self.first_epoch[0], now - self.first_epoch[1]
+            per_epoch = since / done if done else now - self.start
+            eta = per_epoch * (event["epochs"] - event["epoch"])
             main = m.get(self.main_metric)
             line = (
                 f"epoch {event['epoch']:>3}/{event['epochs']}  train_loss {m['train/loss_epoch']:.4f}  "
@@ -49,6 +54,11 @@ class ProgressDisplay:
                 + f"{m['train/samples_per_s']:.0f} samples/s  ETA {_fmt_eta(eta)}"
             )
             self._line(line)
+        elif kind == "resumed":
+            self._line(
+                f"resumed from the checkpoint of epoch {event['epoch']} (step {event['step']}) "
+                "after a worker failure"
+            )
         elif kind == "outcome":
             self.outcome = event
 

@@ -1,0 +1,177 @@
+"""End to end: the real `orchestrate` command, real Ray, 2 gloo DDP workers, checked in MLflow.
+
+All but the README-demo test share one Ray head (the `ray_head` fixture), so Ray starts once
+per session; the demo test runs exactly as a new user would, on an embedded Ray.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections import Counter
+
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import (
+    ray_processes,
+    run_cli,
+    runs_of,
+    start_cli,
+    terminate,
+    tracking_uri,
+    train_workers,
+    wait_for,
+)
+
+pytestmark = pytest.mark.slow
+
+
+def assert_each_step_once(client: MlflowClient, run_id: str) -> dict[str, list[int]]:
+    """Every metric key: each step appears exactly once. Returns the steps per key."""
+    steps = {}
+    for key in client.get_run(run_id).data.metrics:
+        history = [m.step for m in client.get_metric_history(run_id, key)]
+        dupes = [s for s, n in Counter(history).items() if n > 1]
+        assert not dupes, f"{key}: steps logged more than once: {dupes}"
+        steps[key] = sorted(history)
+    return steps
+
+
+def heldout_accuracy(store: str, model_uri: str, job_name: str) -> float:
+    from orchestrator.job import job_config, load_job
+
+    mlflow.set_tracking_uri(store)
+    mlflow.set_registry_uri(store)
+    job = load_job(job_name)
+    splits = job.build_data(job_config(job, {"name": job_name}))
+    x, y = splits.val[:]
+    # pyfunc: the interface batch inference uses; the model was logged in eval mode.
+    logits = mlflow.pyfunc.load_model(model_uri).predict(x.numpy())
+    return float((logits.argmax(1) == y.numpy()).mean())
+
+
+def test_readme_demo_cnn_digits_embedded(tmp_path):
+    """The README's demo command on an embedded Ray, plus registration, checked via MlflowClient."""
+    before = ray_processes()
+    out = run_cli(
+        ["job=cnn_digits", "trainer.num_workers=2", "tracking.register_as=digits_cnn"], tmp_path
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    (run,) = runs_of(tmp_path)
+    run_id = run.info.run_id
+    assert f"MLflow run id: {run_id}" in out.stdout
+    assert f"mlflow ui --backend-store-uri {tracking_uri(tmp_path)}" in out.stdout
+    assert "epoch  30/30" in out.stdout  # live progress reached the user
+    assert "RayTrainWorker" not in out.stdout + out.stderr  # Ray's chatter did not
+    assert run.info.status == "FINISHED"
+
+    client = MlflowClient(tracking_uri(tmp_path))
+    steps = assert_each_step_once(client, run_id)
+    assert len(steps["val/acc"]) == 30 and len(steps["epoch"]) == 30
+    steps_per_epoch = steps["val/acc"][0]
+    assert steps["val/acc"] == [steps_per_epoch * e for e in range(1, 31)]
+    assert steps["train/loss"] == list(range(10, steps["val/acc"][-1] + 1, 10))
+    for key in (
+        "train/lr",
+        "train/samples_per_s",
+        "train/epoch_time_s",
+        "val/loss",
+        "startup/time_to_first_step_s",
+    ):
+        assert key in steps
+    assert run.data.params["trainer.num_workers"] == "2"
+    assert run.data.params["job.name"] == "cnn_digits"
+    assert run.data.tags["job"] == "cnn_digits"
+    assert "trainer.num_workers=2" in run.data.tags["orchestrator.overrides"]
+    assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
+
+    reported = run.data.metrics["val/acc"]
+    assert reported >= 0.985, f"cnn_digits held-out accuracy {reported} below the 0.985 bar"
+    assert heldout_accuracy(
+        tracking_uri(tmp_path), "models:/digits_cnn@champion", "cnn_digits"
+    ) == pytest.approx(reported, abs=1e-9)
+    # The embedded cluster and its workers are gone when the command returns.
+    assert ray_processes() - before == set()
+
+
+def test_mlp_tabular_default_is_accurate_and_deterministic(tmp_path, ray_head):
+    args = ["job=mlp_tabular", f"cluster.address={ray_head}", "tracking.log_model=false"]
+    first = run_cli(args, tmp_path)
+    second = run_cli(args, tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, first.stdout + first.stderr
+    a, b = runs_of(tmp_path)
+    assert a.data.metrics["val/acc"] >= 0.97
+    for key in ("val/acc", "val/loss", "train/loss_epoch"):
+        assert a.data.metrics[key] == b.data.metrics[key], key
+
+
+def test_worker_killed_mid_training_resumes_in_same_run(tmp_path, ray_head):
+    proc = start_cli(
+        [
+            "job=cnn_digits",
+            "trainer.max_epochs=8",
+            "trainer.max_failures=1",
+            f"cluster.address={ray_head}",
+            "tracking.log_model=false",
+        ],
+        tmp_path,
+    )
+    try:
+        client = MlflowClient(tracking_uri(tmp_path))
+
+        def epochs_logged():
+            runs = runs_of(tmp_path)
+            return runs and len(client.get_metric_history(runs[0].info.run_id, "epoch")) >= 2
+
+        wait_for(epochs_logged, 240, "two epochs in MLflow", proc)
+        victims = train_workers()
+        assert len(victims) == 2
+        victims[-1].kill()
+        out, _ = proc.communicate(timeout=400)
+    finally:
+        terminate(proc)
+    assert proc.returncode == 0, out
+    assert "resumed from the checkpoint of epoch" in out  # Ray really restarted the group
+    (run,) = runs_of(tmp_path)
+    assert run.info.status == "FINISHED"
+    steps = assert_each_step_once(client, run.info.run_id)
+    per_epoch = steps["val/acc"][0]
+    assert steps["val/acc"] == [per_epoch * e for e in range(1, 9)]  # no gap, no repeat
+    assert steps["train/loss"] == list(range(10, 8 * per_epoch + 1, 10))
+
+
+def test_nonfinite_loss_marks_run_failed_without_retry(tmp_path, ray_head):
+    out = run_cli(
+        [
+            "job=mlp_tabular",
+            "optim=sgd",
+            "optim.lr=1e12",
+            "trainer.max_failures=2",
+            f"cluster.address={ray_head}",
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 1
+    assert "non-finite loss" in out.stderr and "optim.lr" in out.stderr
+    (run,) = runs_of(tmp_path)
+    assert run.info.status == "FAILED"
+    assert "non-finite" in run.data.tags["error"]
+    assert "epoch" not in run.data.metrics  # stopped in the first epoch; not retried
+
+
+def test_sigterm_to_driver_marks_run_killed_and_stops_workers(tmp_path, ray_head):
+    proc = start_cli(
+        ["job=cnn_digits", "trainer.max_epochs=50", f"cluster.address={ray_head}"], tmp_path
+    )
+    try:
+        wait_for(lambda: runs_of(tmp_path) and train_workers(), 240, "training to start", proc)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        terminate(proc)
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "KILLED" in out
+    (run,) = runs_of(tmp_path)
+    assert run.info.status == "KILLED"
+    wait_for(lambda: not train_workers(), 60, "the run's workers to exit")
