@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from orchestrator.config import JobConfig
 from orchestrator.data import stratified_split, tensor_splits
 from orchestrator.job import JobSpec, Splits, classification_eval_step
+from orchestrator.reports import classifier_report, flat_numpy
 
 
 @dataclass
@@ -104,6 +105,14 @@ def build_data(cfg: CnnDigitsConfig) -> Splits:
     return tensor_splits(x_tr, y_tr, x_va, y_va, num_classes=10)
 
 
+def references(cfg: CnnDigitsConfig, splits: Splits) -> dict[str, float]:
+    from sklearn.svm import SVC
+
+    x_tr, y_tr = flat_numpy(splits.train)
+    x_va, y_va = flat_numpy(splits.val)
+    return {"svm_rbf_acc": SVC(kernel="rbf").fit(x_tr, y_tr).score(x_va, y_va)}
+
+
 def training_step(model: nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x), y)
@@ -117,4 +126,6 @@ JOB = JobSpec(
     eval_step=classification_eval_step,
     main_metric="val/acc",
     mode="max",
+    evaluate=classifier_report,
+    references=references,
 )

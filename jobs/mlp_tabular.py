@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from orchestrator.config import JobConfig
 from orchestrator.data import standardise, stratified_split, tensor_splits
 from orchestrator.job import JobSpec, Splits, classification_eval_step
+from orchestrator.reports import classifier_report, flat_numpy
 
 
 @dataclass
@@ -54,6 +55,14 @@ def build_model(cfg: MlpTabularConfig, splits: Splits) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def references(cfg: MlpTabularConfig, splits: Splits) -> dict[str, float]:
+    from sklearn.linear_model import LogisticRegression
+
+    x_tr, y_tr = flat_numpy(splits.train)
+    x_va, y_va = flat_numpy(splits.val)
+    return {"logreg_acc": LogisticRegression(max_iter=5000).fit(x_tr, y_tr).score(x_va, y_va)}
+
+
 def training_step(model: nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x), y)
@@ -67,4 +76,6 @@ JOB = JobSpec(
     eval_step=classification_eval_step,
     main_metric="val/acc",
     mode="max",
+    evaluate=classifier_report,
+    references=references,
 )

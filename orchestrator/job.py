@@ -12,7 +12,7 @@ import importlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -36,6 +36,40 @@ class Splits:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+class ArtifactSink(Protocol):
+    def log_image(self, name: str, image: Any, epoch: int) -> None: ...
+
+    def log_text(self, name: str, text: str, epoch: int) -> None: ...
+
+
+@dataclass
+class EpochEnd:
+    """What a job's `evaluate` hook sees on rank 0 after each epoch's held-out evaluation.
+
+    `model` is the unwrapped model in eval mode; the hook only observes it. Images
+    (numpy HxW / HxWx3 uint8 arrays, PIL images or matplotlib figures) and text go to the
+    MLflow run as `<name>/epoch_<NNN>.png|txt`.
+    """
+
+    model: nn.Module
+    splits: Splits
+    config: Any
+    epoch: int
+    max_epochs: int
+    device: torch.device
+    artifacts: ArtifactSink
+
+    @property
+    def is_last(self) -> bool:
+        return self.epoch == self.max_epochs
+
+    def log_image(self, name: str, image: Any) -> None:
+        self.artifacts.log_image(name, image, self.epoch)
+
+    def log_text(self, name: str, text: str) -> None:
+        self.artifacts.log_text(name, text, self.epoch)
+
+
 @dataclass(frozen=True)
 class JobSpec:
     config: type[JobConfig]
@@ -50,6 +84,15 @@ class JobSpec:
     mode: str = "max"  # whether larger main_metric is better
     # The model's input tensor from a batch, used for the logged model's signature.
     model_input: Callable[[Batch], torch.Tensor] = lambda batch: batch[0]
+    # Optional hooks. `evaluate` runs on rank 0 after the sharded evaluation, for metrics that
+    # don't decompose per sample (FID, AUROC, ...) and for plots; it returns extra metrics.
+    evaluate: Callable[[EpochEnd], dict[str, float]] | None = None
+    # Reference baselines on the same split (e.g. an SVM's accuracy), computed once on rank 0
+    # and logged at step 0 so the MLflow UI shows them beside the job's main metric.
+    references: Callable[[Any, Splits], dict[str, float]] | None = None
+    # What to log as the MLflow model when the trained module is not what one deploys (a
+    # GAN's generator): (module, example input) from the trained model and a held-out batch.
+    export: Callable[[nn.Module, Batch], tuple[nn.Module, torch.Tensor]] | None = None
 
 
 def load_job(name: str) -> JobSpec:

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from orchestrator.context import WorkerContext
-from orchestrator.job import JobSpec, job_config, load_job
+from orchestrator.job import EpochEnd, JobSpec, job_config, load_job
 from orchestrator.tracking import MetricLogger, NullMetricLogger
 
 
@@ -121,6 +121,18 @@ def evaluate(
     return {f"val/{k}": packed[i].item() / max(total, 1) for i, k in enumerate(keys)}
 
 
+def _rank0_evaluate(
+    job: JobSpec, model: nn.Module, splits, jcfg, epoch: int, epochs: int, device, artifacts
+) -> dict[str, float]:
+    """The job's own evaluation hook; it observes the model in eval mode, never trains it."""
+    model.eval()
+    try:
+        with torch.no_grad():
+            return job.evaluate(EpochEnd(model, splits, jcfg, epoch, epochs, device, artifacts))  # type: ignore[misc]
+    finally:
+        model.train()
+
+
 # --- The loop -------------------------------------------------------------------------------
 
 
@@ -162,11 +174,15 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         ctx.progress({"type": "resumed", "epoch": start_epoch, "step": global_step})
 
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
-    metrics_out = (
+    metrics_out: MetricLogger | NullMetricLogger = (
         MetricLogger(cfg["tracking"]["uri"], run_id)
         if (run_id and ctx.rank == 0)
         else NullMetricLogger()
     )
+    if job.references is not None and ctx.rank == 0:
+        metrics_out.log(
+            {f"baseline/{k}": v for k, v in job.references(jcfg, splits).items()}, step=0
+        )
     started_at = cfg.get("launch", {}).get("started_at")
     clip = tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -251,6 +267,12 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
             "train/epoch_time_s": seconds,
             "epoch": epoch + 1,
         }
+        if job.evaluate is not None and ctx.rank == 0:
+            last.update(
+                _rank0_evaluate(
+                    job, model, splits, jcfg, epoch + 1, tcfg["max_epochs"], device, metrics_out
+                )
+            )
         metrics_out.log(last, step=global_step)
         metrics_out.flush()
         state = None

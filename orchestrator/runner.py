@@ -167,7 +167,11 @@ def _finish(cfg, job, run_id, result) -> None:
     splits = job.build_data(jcfg)
     model = job.build_model(jcfg, splits)
     model.load_state_dict(state["model"])
-    example = job.model_input(next(iter(DataLoader(splits.val, batch_size=5))))
+    batch = next(iter(DataLoader(splits.val, batch_size=5)))
+    if job.export is not None:
+        model, example = job.export(model.eval(), batch)
+    else:
+        example = job.model_input(batch)
     model_uri, version = tracking.log_model_and_finish(
         trk["uri"], run_id, model, example, trk["register_as"], trk["alias"]
     )

@@ -138,13 +138,22 @@ def log_model_and_finish(
 
 
 class NullMetricLogger:
-    """For ranks other than 0, and for tests that don't track."""
+    """For ranks other than 0, and for runs that don't track. Keeps artifact names for tests."""
+
+    def __init__(self) -> None:
+        self.artifacts: list[str] = []
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
     def flush(self) -> None:
         pass
+
+    def log_image(self, name: str, image: Any, epoch: int) -> None:
+        self.artifacts.append(f"{name}/epoch_{epoch:03d}.png")
+
+    def log_text(self, name: str, text: str, epoch: int) -> None:
+        self.artifacts.append(f"{name}/epoch_{epoch:03d}.txt")
 
 
 class MetricLogger:
@@ -175,6 +184,24 @@ class MetricLogger:
         for key, value in metrics.items():
             if step > self.delivered.get(key, -1):
                 self.buffer.append(Metric(key, float(value), now, step))
+
+    # Artifacts have fixed names per epoch, so a replay after a restart overwrites, never adds.
+    def log_image(self, name: str, image: Any, epoch: int) -> None:
+        try:
+            if hasattr(image, "savefig"):  # a matplotlib figure
+                self.client.log_figure(self.run_id, image, f"{name}/epoch_{epoch:03d}.png")
+            else:
+                self.client.log_image(
+                    self.run_id, image, artifact_file=f"{name}/epoch_{epoch:03d}.png"
+                )
+        except Exception as exc:
+            log.warning("could not log image %s: %s", name, exc)
+
+    def log_text(self, name: str, text: str, epoch: int) -> None:
+        try:
+            self.client.log_text(self.run_id, text, f"{name}/epoch_{epoch:03d}.txt")
+        except Exception as exc:
+            log.warning("could not log text %s: %s", name, exc)
 
     def flush(self) -> None:
         """Send what is buffered. On failure keep it and retry at the next flush."""

@@ -85,6 +85,10 @@ def test_readme_demo_cnn_digits_embedded(tmp_path):
     assert run.data.tags["job"] == "cnn_digits"
     assert "trainer.num_workers=2" in run.data.tags["orchestrator.overrides"]
     assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
+    assert [a.path for a in client.list_artifacts(run_id, "confusion_matrix")] == [
+        "confusion_matrix/epoch_030.png"
+    ]
+    assert run.data.metrics["baseline/svm_rbf_acc"] == pytest.approx(0.9833, abs=1e-4)
 
     reported = run.data.metrics["val/acc"]
     assert reported >= 0.985, f"cnn_digits held-out accuracy {reported} below the 0.985 bar"

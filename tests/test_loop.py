@@ -87,3 +87,20 @@ def test_checkpoint_checksum_detects_truncation(tmp_path):
     state.write_bytes(state.read_bytes()[:-100])
     with pytest.raises(CorruptCheckpoint, match="checksum"):
         load(tmp_path)
+
+
+def test_job_hooks_log_references_and_artifacts_to_mlflow(tmp_path):
+    """Single process with a real SQLite MLflow store: baselines at step 0, plots as artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    cfg = compose_config(FAST + ["trainer.max_epochs=2"])
+    cfg["tracking"]["uri"] = uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.create_run(uri, "loop-test", "hooks", {}, {}, "")
+    run(cfg, LocalContext(), run_id)
+    client = MlflowClient(uri)
+    (baseline,) = client.get_metric_history(run_id, "baseline/logreg_acc")
+    assert baseline.step == 0 and 0.9 < baseline.value <= 1.0
+    files = [f.path for f in client.list_artifacts(run_id, "confusion_matrix")]
+    assert files == ["confusion_matrix/epoch_002.png"]
