@@ -72,7 +72,14 @@ def connect(cluster: dict[str, Any]) -> ClusterResources:
     if cluster["address"] is None:
         for key, value in _POLL_ENV.items():  # inherited by the processes the embedded Ray starts
             os.environ.setdefault(key, value)
-        ray.init(num_cpus=cluster["num_cpus"] or os.cpu_count(), include_dashboard=False, **common)
+        # address="local": always a fresh embedded instance, never a `ray start` cluster
+        # that happens to run on this machine.
+        ray.init(
+            address="local",
+            num_cpus=cluster["num_cpus"] or os.cpu_count(),
+            include_dashboard=False,
+            **common,
+        )
     else:
         try:
             ray.init(address=cluster["address"], runtime_env={"env_vars": _POLL_ENV}, **common)
@@ -124,8 +131,12 @@ def fit(
     storage_path: str,
     name: str,
     progress_queue,
+    callbacks: list | None = None,
 ) -> Any:
-    """Run the job's workers to completion. Returns Ray's Result; raises on training failure."""
+    """Run the job's workers to completion. Returns Ray's Result; raises on training failure.
+
+    `callbacks` are Ray Train controller callbacks (a sweep trial passes Tune's reporter).
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -148,6 +159,7 @@ def fit(
             failure_config=FailureConfig(max_failures=t["max_failures"]),
             # Keep two: the newest, and the one before it in case the newest is damaged.
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=callbacks,
         ),
     )
     return trainer.fit()

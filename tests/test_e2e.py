@@ -51,8 +51,11 @@ def heldout_accuracy(store: str, model_uri: str, job_name: str) -> float:
     return float((logits.argmax(1) == y.numpy()).mean())
 
 
-def test_readme_demo_cnn_digits_embedded(tmp_path):
-    """The README's demo command on an embedded Ray, plus registration, checked via MlflowClient."""
+def test_readme_demo_cnn_digits_embedded(tmp_path, ray_head):
+    """The README's demo command on an embedded Ray, plus registration, checked via MlflowClient.
+
+    The session's `ray start` head is running meanwhile: the embedded Ray must start its own
+    instance rather than attach to it."""
     before = ray_processes()
     out = run_cli(
         ["job=cnn_digits", "trainer.num_workers=2", "tracking.register_as=digits_cnn"], tmp_path
