@@ -45,7 +45,26 @@ def _chosen_job(overrides: list[str]) -> str:
     for o in parsed:
         if o.key_or_group == "job" and o.package is None:
             return str(o.value())
+    for o in parsed:  # an experiment may pick its job (`override /job: x`): register that one
+        if o.key_or_group == "experiment" and isinstance(o.value(), str):
+            job = _experiment_job(str(o.value()))
+            if job:
+                return job
     return _default_job()
+
+
+def _experiment_job(name: str) -> str | None:
+    import yaml
+
+    path = CONF_DIR / "experiment" / f"{name}.yaml"
+    if not path.is_file():
+        return None  # Hydra reports the unknown experiment while composing
+    for entry in (yaml.safe_load(path.read_text()) or {}).get("defaults", []):
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                if key.removeprefix("override ").strip().lstrip("/") == "job":
+                    return str(value)
+    return None
 
 
 def _parse(parser, overrides: list[str]):
@@ -163,6 +182,16 @@ def _hydra_app(argv: list[str]) -> None:
     app()
 
 
+def _reject_sweeps_without_m(overrides: list[str]) -> None:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    for raw, o in zip(overrides, _parse(OverridesParser.create(), overrides), strict=True):
+        if o.is_sweep_override():
+            raise UserError(
+                o.key_or_group, f"'{raw}' is a sweep", "add -m to run a sweep, or give one value"
+            )
+
+
 def main(argv: list[str] | None = None) -> int:
     started_at = time.time()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -176,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
             _hydra_app(argv)
             return 0
         if args.multirun:
-            raise UserError(
-                "-m", "sweeps are not available in this version", "run single jobs without -m"
-            )
+            from orchestrator.sweep import run_sweep
+
+            return run_sweep(args.overrides, argv, started_at)
+        _reject_sweeps_without_m(args.overrides)
         cfg = compose_config(args.overrides)
         from orchestrator.runner import run_job
 

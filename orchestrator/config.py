@@ -20,6 +20,8 @@ from omegaconf import MISSING
 from orchestrator.errors import UserError
 
 OPTIMIZERS = ("sgd", "adamw")
+SEARCHES = ("random", "grid", "optuna")
+SCHEDULERS = ("fifo", "asha")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
 
@@ -92,12 +94,18 @@ class TrackingConfig:
 
 @dataclass
 class SweepConfig:
-    num_samples: int = 8
-    search: str = "random"
-    scheduler: str = "fifo"
+    """Used with `orchestrate -m`: the search space comes from sweep overrides such as
+    optim.lr='tag(log,interval(1e-4,1e-1))' or trainer.batch_size=32,64."""
+
+    num_samples: int = 8  # trials to sample (random/optuna); grid runs every combination once
+    search: str = "random"  # random | grid | optuna (TPE)
+    scheduler: str = "fifo"  # fifo | asha (early stopping by epoch)
     metric: str | None = None  # None = the job's main metric
-    mode: str | None = None  # None = the job's main metric's mode
+    mode: str | None = None  # min | max; None = the job's main metric's mode
     max_concurrent: int | None = None  # None = what the cluster can place at once
+    grace_period: int = 1  # asha: epochs every trial gets before it may be stopped
+    reduction_factor: int = 3  # asha: keep the best 1/reduction_factor at each rung
+    resume: str | None = None  # parent MLflow run id of an interrupted sweep to continue
 
 
 @dataclass
@@ -244,6 +252,38 @@ def validate(cfg: dict[str, Any]) -> None:
         "cluster.num_cpus",
         f"must be at least 1, got {c['num_cpus']}",
         "leave cluster.num_cpus unset to use every core",
+    )
+    sw = cfg["sweep"]
+    _require(
+        sw["search"] in SEARCHES,
+        "sweep.search",
+        f"unknown search '{sw['search']}'",
+        f"choose one of: {', '.join(SEARCHES)}",
+    )
+    _require(
+        sw["scheduler"] in SCHEDULERS,
+        "sweep.scheduler",
+        f"unknown scheduler '{sw['scheduler']}'",
+        f"choose one of: {', '.join(SCHEDULERS)}",
+    )
+    _require(
+        sw["mode"] in (None, "min", "max"),
+        "sweep.mode",
+        f"must be min or max, got {sw['mode']}",
+        "set sweep.mode=max or leave it unset",
+    )
+    for key in ("num_samples", "grace_period", "reduction_factor"):
+        _require(
+            sw[key] >= 1,
+            f"sweep.{key}",
+            f"must be at least 1, got {sw[key]}",
+            f"set sweep.{key}=1 or more",
+        )
+    _require(
+        sw["max_concurrent"] is None or sw["max_concurrent"] >= 1,
+        "sweep.max_concurrent",
+        f"must be at least 1, got {sw['max_concurrent']}",
+        "leave it unset to fill the cluster",
     )
     tr = cfg["tracking"]
     _require(

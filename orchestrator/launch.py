@@ -48,8 +48,14 @@ def _is_loopback(address: str | None) -> bool:
     return host in ("localhost", "::1") or host.startswith("127.")
 
 
-def connect(cluster: dict[str, Any]) -> ClusterResources:
-    """Start the embedded Ray (cluster.address unset) or join an existing cluster."""
+def connect(cluster: dict[str, Any], state_api: bool = False) -> ClusterResources:
+    """Start the embedded Ray (cluster.address unset) or join an existing cluster.
+
+    `state_api`: start the embedded Ray's dashboard (on 127.0.0.1 only). Sweeps need it: when
+    Tune stops a trial it kills the trial's Train controller, and Ray Train frees that run's
+    worker placement group through a cleaner that asks the State API — which lives in the
+    dashboard. Without it the freed CPUs never come back and the sweep hangs (seen on 2 CPUs).
+    """
     if _is_loopback(cluster["address"]):
         # Set before `import ray` for the processes an embedded Ray starts; and on the
         # already-imported constant for this driver, which must also see itself as 127.0.0.1
@@ -77,7 +83,8 @@ def connect(cluster: dict[str, Any]) -> ClusterResources:
         ray.init(
             address="local",
             num_cpus=cluster["num_cpus"] or os.cpu_count(),
-            include_dashboard=False,
+            include_dashboard=state_api,
+            dashboard_host="127.0.0.1",
             **common,
         )
     else:

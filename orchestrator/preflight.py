@@ -14,7 +14,8 @@ import urllib.request
 
 from orchestrator.errors import UserError
 
-TRACKING_TIMEOUT_S = 8.0
+# Under 10 s in all, Python's start-up included, even when nothing answers at all.
+TRACKING_TIMEOUT_S = 5.0
 CLUSTER_TIMEOUT_S = 5.0
 
 
@@ -89,7 +90,9 @@ def check_cluster(address: str | None) -> None:
                 "'auto' found no running Ray cluster on this machine",
                 "start one with `ray start --head` or leave cluster.address unset for an embedded one",
             )
-        return
+        # 'auto' also trusts /tmp/ray/ray_current_cluster, which outlives a head killed without
+        # `ray stop`: check the address it found, or ray.init waits minutes on a dead one.
+        address = found
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():

@@ -154,14 +154,20 @@ def _finish(cfg, job, run_id, result) -> None:
     if not trk["log_model"] or result.checkpoint is None:
         tracking.end_run(trk["uri"], run_id, "FINISHED")
         return
+    with result.checkpoint.as_directory() as path:
+        log_final_model(cfg, job, run_id, path)
+
+
+def log_final_model(cfg, job, run_id: str, checkpoint_dir: str) -> None:
+    """Rebuild the job's model from a checkpoint, log (and register) it, mark the run FINISHED."""
     import torch
     from torch.utils.data import DataLoader
 
     from orchestrator import checkpoint
     from orchestrator.job import job_config
 
-    with result.checkpoint.as_directory() as path:
-        state = checkpoint.load(path)
+    trk = cfg["tracking"]
+    state = checkpoint.load(checkpoint_dir)
     jcfg = job_config(job, cfg["job"])
     torch.manual_seed(cfg["seed"])
     splits = job.build_data(jcfg)

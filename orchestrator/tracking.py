@@ -79,6 +79,48 @@ def create_run(
     return run_id
 
 
+def find_child_run(c, parent_id: str, trial_id: str):
+    experiment_id = c.get_run(parent_id).info.experiment_id
+    found = c.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_id}' and tags.`orchestrator.trial_id` = '{trial_id}'",
+    )
+    return found[0] if found else None
+
+
+def child_run(
+    uri: str,
+    experiment_id: str,
+    parent_id: str,
+    trial_id: str,
+    trial_params: dict[str, Any],
+    params: dict[str, str],
+    config_yaml: str,
+) -> str:
+    """The trial's child run: reused if this trial already has one (a resumed sweep), so no
+    trial ever gets two runs. Params are the trial's own, so they never conflict."""
+    from mlflow.entities import Param
+
+    c = client(uri)
+    existing = find_child_run(c, parent_id, trial_id)
+    if existing is not None:
+        c.set_terminated(existing.info.run_id, "RUNNING")
+        return existing.info.run_id
+    shown = " ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial_params.items()
+    )
+    run = c.create_run(
+        experiment_id,
+        run_name=f"trial {trial_id}: {shown}"[:250],
+        tags={"mlflow.parentRunId": parent_id, "orchestrator.trial_id": trial_id},
+    )
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), PARAM_BATCH):
+        c.log_batch(run.info.run_id, params=items[i : i + PARAM_BATCH])
+    c.log_text(run.info.run_id, config_yaml, "config.yaml")
+    return run.info.run_id
+
+
 def end_run(uri: str, run_id: str, status: str, error: str | None = None) -> None:
     """Set FINISHED / FAILED / KILLED. Never raises: this runs on the way out of failures."""
     try:

@@ -1,0 +1,509 @@
+"""Sweeps: Hydra's sweep grammar becomes a Ray Tune search; each trial is a full DDP job.
+
+    orchestrate -m job=cnn_digits optim.lr='tag(log,interval(1e-4,1e-1))' \\
+        optim.weight_decay=0,1e-4,1e-3 trainer.batch_size='choice(32,64,128)' \\
+        sweep.num_samples=16 sweep.scheduler=asha
+    orchestrate -m sweep.resume=<parent run id>     # continue an interrupted sweep
+
+Grammar: `a,b,c` and `choice(a,b)` are categorical (enumerated when sweep.search=grid),
+`range(a,b)` integer choices, `interval(a,b)` uniform, `tag(log,interval(a,b))` log-uniform.
+A config group can be swept too (`optim=adamw,sgd`); the job cannot.
+
+MLflow: one parent run (space, search, scheduler, best trial, a summary table) and one child
+run per trial (`mlflow.parentRunId`) with the trial's own params and curves; trials stopped
+by the scheduler are tagged `early_stopped` with the epoch. Trials run the same loop through
+the same `launch.fit` as single jobs. Trial drivers hold no CPU (only a little memory), so
+on a small cluster they never take the slots their own Train workers need.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+import shlex
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator import launch, preflight, tracking
+from orchestrator.errors import TrainingFailed, UserError
+
+TRIAL_DRIVER_RESOURCES: dict[str, float] = {
+    "cpu": 0,
+    "memory": 64 * 1024**2,
+}  # Tune needs a non-empty request
+
+
+@dataclass(frozen=True)
+class Dimension:
+    key: str
+    kind: str  # "choice" | "uniform" | "loguniform"
+    values: tuple[Any, ...] = ()
+    low: float = 0.0
+    high: float = 0.0
+    group: bool = False  # a config group (optim=adamw,sgd) rather than a key
+
+    def describe(self) -> str:
+        if self.kind == "choice":
+            return f"choice({', '.join(map(str, self.values))})"
+        return f"{self.kind}({self.low:g}, {self.high:g})"
+
+    def to_tune(self, grid: bool):
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.grid_search(list(self.values)) if grid else tune.choice(list(self.values))
+        if grid:
+            raise UserError(
+                self.key,
+                f"grid search cannot enumerate {self.describe()}",
+                "use a list or choice(...), or sweep.search=random|optuna",
+            )
+        return (tune.loguniform if self.kind == "loguniform" else tune.uniform)(self.low, self.high)
+
+
+def split_overrides(overrides: list[str], groups: list[str]) -> tuple[list[str], list[Dimension]]:
+    """Separate plain overrides from sweep dimensions, rejecting empty or inverted ranges."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from orchestrator.cli import _parse
+
+    fixed: list[str] = []
+    dims: list[Dimension] = []
+    for raw, o in zip(overrides, _parse(OverridesParser.create(), overrides), strict=True):
+        if not o.is_sweep_override():
+            fixed.append(raw)
+            continue
+        key = o.key_or_group
+        if key == "job":
+            raise UserError("job", "a sweep cannot change the job", "run one sweep per job")
+        if o.is_interval_sweep():
+            v = o.value()
+            log = "log" in v.tags
+            if not v.start < v.end:
+                raise UserError(
+                    key,
+                    f"interval({v.start:g}, {v.end:g}) is empty or inverted",
+                    "write interval(low,high) with low < high",
+                )
+            if log and v.start <= 0:
+                raise UserError(
+                    key,
+                    "a log interval needs a positive lower bound",
+                    "e.g. tag(log,interval(1e-4,1e-1))",
+                )
+            dims.append(Dimension(key, "loguniform" if log else "uniform", low=v.start, high=v.end))
+        else:
+            values = tuple(o.sweep_iterator())
+            if not values:
+                raise UserError(
+                    key, "the sweep has no values", "give at least one value, e.g. choice(1,2)"
+                )
+            dims.append(Dimension(key, "choice", values=values, group=key in groups))
+    return fixed, dims
+
+
+def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    if isinstance(node.get(last), float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)  # `optim.weight_decay=0,1e-4` parses 0 as int
+    node[last] = value
+
+
+def trial_config(
+    base: dict[str, Any], group_options: dict[str, dict[str, Any]], params: dict[str, Any]
+):
+    """The trial's resolved config: base, then swept group options, then swept keys."""
+    import copy
+
+    cfg = copy.deepcopy(base)
+    for key, value in params.items():
+        if key in group_options:
+            cfg[key] = copy.deepcopy(group_options[key][str(value)])
+    for key, value in params.items():
+        if key not in group_options:
+            _set(cfg, key, value)
+    return cfg
+
+
+def _validate_space(fixed: list[str], dims: list[Dimension]) -> dict[str, dict[str, Any]]:
+    """Compose every categorical value and both ends of every interval on the driver, so a bad
+    value fails here (exit 2) and not in trial 11. Returns the composed swept group options."""
+    from orchestrator.cli import compose_config
+
+    group_options: dict[str, dict[str, Any]] = {}
+    for d in dims:
+        probes = d.values if d.kind == "choice" else (d.low, d.high)
+        for value in probes:
+            cfg = compose_config([*fixed, f"{d.key}={value}"])
+            if d.group:
+                group_options.setdefault(d.key, {})[str(value)] = cfg[d.key]
+    return group_options
+
+
+def _trial(
+    params: dict[str, Any], *, base, group_options, parent_id, experiment_id, sweep_name, use_gpu
+):
+    """One Tune trial: one child MLflow run and one Ray Train run of the shared loop."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from orchestrator.config import validate
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = trial_config(base, group_options, params)
+    validate(cfg)
+    uri = cfg["tracking"]["uri"]
+    run_id = tracking.child_run(
+        uri,
+        experiment_id,
+        parent_id,
+        trial_id,
+        params,
+        tracking.flatten(cfg),
+        tracking.config_yaml(cfg),
+    )
+    queue = launch.make_progress_queue()
+    launch.fit(
+        cfg,
+        run_id,
+        use_gpu,
+        cfg["cluster"]["storage_path"],
+        f"{sweep_name}-{trial_id}",
+        queue,
+        callbacks=[TuneReportCallback()],
+    )
+    outcome: dict[str, Any] = {}
+    while not queue.empty():
+        event = queue.get()
+        outcome = event if event.get("type") == "outcome" else outcome
+    if outcome.get("status") != "finished":
+        message = outcome.get("message") or "training ended without an outcome"
+        tracking.end_run(uri, run_id, "FAILED", message)
+        raise TrainingFailed(message)
+    tracking.end_run(uri, run_id, "FINISHED")
+
+
+def _resolve_resume(overrides: list[str]) -> tuple[list[str], str | None]:
+    """`sweep.resume=<id>`: replay the interrupted sweep's own overrides (this command's
+    tracking.* and cluster.* settings still apply, to find the store and the cluster)."""
+    resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("sweep.resume=")), None)
+    if not resume:
+        return overrides, None
+    from orchestrator.cli import compose_config
+
+    here = [o for o in overrides if o.startswith(("tracking.", "cluster."))]
+    uri = preflight.resolve_tracking_uri(compose_config(here)["tracking"]["uri"], os.getcwd())
+    preflight.check_tracking(uri)
+    try:
+        run = tracking.client(uri).get_run(resume)
+    except Exception:
+        raise UserError(
+            "sweep.resume",
+            f"no MLflow run '{resume}' in {uri}",
+            "pass the parent run id printed when the sweep started",
+        ) from None
+    if run.data.tags.get("orchestrator.sweep") != "true":
+        raise UserError(
+            "sweep.resume", f"run '{resume}' is not a sweep's parent run", "pass the parent run id"
+        )
+    original = shlex.split(run.data.tags["orchestrator.overrides"])
+    return [o for o in original if not o.startswith(("tracking.", "cluster."))] + here, resume
+
+
+def run_sweep(overrides: list[str], argv: list[str], started_at: float) -> int:
+    from orchestrator.cli import available, compose_config
+    from orchestrator.job import load_job
+    from orchestrator.runner import log_final_model, prepare
+
+    overrides, resume_id = _resolve_resume(overrides)
+    groups = [g for g in ("optim", "sched") if available(g)]
+    fixed, dims = split_overrides(overrides, groups)
+    if not dims:
+        raise UserError(
+            "-m", "no sweep given", "add e.g. optim.lr=1e-3,1e-2 or optim.lr='interval(1e-4,1e-1)'"
+        )
+    base = compose_config(fixed)
+    group_options = _validate_space(fixed, dims)
+    grid = base["sweep"]["search"] == "grid"
+    for d in dims:  # e.g. a grid over an interval: refuse before anything starts
+        d.to_tune(grid)
+    prepare(base, os.getcwd())
+    base["launch"] = {"started_at": started_at}
+    job = load_job(base["job"]["name"])
+    sw, t, trk, cl = base["sweep"], base["trainer"], base["tracking"], base["cluster"]
+    metric, mode = sw["metric"] or job.main_metric, sw["mode"] or job.mode
+
+    preflight.check_tracking(trk["uri"])
+    preflight.check_cluster(cl["address"])
+    if cl["address"] is None:  # an unplaceable trial fails before anything starts
+        launch.check_placeable(t, bool(t["use_gpu"]), launch.embedded_resources(cl))
+    print("Starting Ray ...", flush=True)
+    resources = launch.connect(cl, state_api=True)
+    try:
+        use_gpu = t["use_gpu"] if t["use_gpu"] is not None else resources.gpus > 0
+        launch.check_placeable(t, use_gpu, resources)
+        per_trial = t["num_workers"] * t["cpus_per_worker"]
+        concurrent = sw["max_concurrent"] or max(1, int(resources.cpus // per_trial))
+        if use_gpu:
+            concurrent = min(concurrent, max(1, int(resources.gpus // t["num_workers"])))
+        return _run(
+            base,
+            job,
+            dims,
+            group_options,
+            fixed,
+            overrides,
+            argv,
+            metric,
+            mode,
+            concurrent,
+            use_gpu,
+            resume_id,
+            log_final_model,
+        )
+    finally:
+        launch.shutdown()
+
+
+def _quiet_tune() -> None:
+    """Tune's console reporter (banner box, TensorBoard hints, trial tables) is for Tune users;
+    ours prints its own summary. The legacy reporter at verbose=0 prints nothing."""
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+
+
+def _run(
+    base,
+    job,
+    dims,
+    group_options,
+    fixed,
+    overrides,
+    argv,
+    metric,
+    mode,
+    concurrent,
+    use_gpu,
+    resume_id,
+    log_final_model,
+) -> int:
+    _quiet_tune()
+    from ray import tune
+
+    sw, trk = base["sweep"], base["tracking"]
+    client = tracking.client(trk["uri"])
+    if resume_id:
+        parent_id = resume_id
+        experiment_id = client.get_run(parent_id).info.experiment_id
+        client.set_terminated(parent_id, "RUNNING")
+    else:
+        params = {f"space.{d.key}": d.describe() for d in dims}
+        params.update(
+            {
+                "sweep.search": sw["search"],
+                "sweep.scheduler": sw["scheduler"],
+                "sweep.num_samples": str(sw["num_samples"]),
+                "sweep.metric": metric,
+                "sweep.mode": mode,
+                "sweep.max_concurrent": str(concurrent),
+            }
+        )
+        tags = {
+            "orchestrator.sweep": "true",
+            "job": base["job"]["name"],
+            "orchestrator.overrides": shlex.join(overrides),
+            "orchestrator.command": "orchestrate " + shlex.join(argv),
+        }
+        name = (
+            trk["run_name"]
+            or " ".join(["sweep", base["job"]["name"], *(d.key for d in dims)])[:250]
+        )
+        parent_id = tracking.create_run(
+            trk["uri"], trk["experiment"], name, params, tags, tracking.config_yaml(base)
+        )
+        experiment_id = client.get_run(parent_id).info.experiment_id
+    sweep_name = f"sweep-{parent_id}"
+    print(
+        f"Sweep parent run {parent_id}: {len(dims)} dimension(s), search={sw['search']}, "
+        f"scheduler={sw['scheduler']}, {concurrent} trial(s) at a time",
+        flush=True,
+    )
+    print(f"If interrupted, resume with: orchestrate -m sweep.resume={parent_id}", flush=True)
+
+    trainable = tune.with_resources(
+        tune.with_parameters(
+            _trial,
+            base=base,
+            group_options=group_options,
+            parent_id=parent_id,
+            experiment_id=experiment_id,
+            sweep_name=sweep_name,
+            use_gpu=use_gpu,
+        ),
+        TRIAL_DRIVER_RESOURCES,
+    )
+    path = os.path.join(base["cluster"]["storage_path"], sweep_name)
+    if resume_id and tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable, resume_errored=True)
+    else:
+        grid = sw["search"] == "grid"
+        tuner = tune.Tuner(
+            trainable,
+            param_space={d.key: d.to_tune(grid) for d in dims},
+            tune_config=tune.TuneConfig(
+                metric=metric,
+                mode=mode,
+                num_samples=1 if grid else sw["num_samples"],
+                search_alg=_search(sw["search"], metric, mode),
+                scheduler=_scheduler(base),
+                max_concurrent_trials=concurrent,
+            ),
+            run_config=tune.RunConfig(
+                name=sweep_name, storage_path=base["cluster"]["storage_path"], verbose=0
+            ),
+        )
+    started = time.monotonic()
+    try:
+        results = tuner.fit()
+    except KeyboardInterrupt:
+        _mark_unfinished(client, parent_id, "KILLED")
+        print(f"\nSweep interrupted. Resume with: orchestrate -m sweep.resume={parent_id}")
+        return 130
+    rows = _reconcile(client, parent_id, results, base["trainer"]["max_epochs"], metric)
+    ok = [r for r in rows if r["status"] == "FINISHED" and r[metric] is not None]
+    if not ok:
+        tracking.end_run(trk["uri"], parent_id, "FAILED", "no trial finished")
+        print("error: no trial finished", flush=True)
+        return 1
+    best = max(ok, key=lambda r: r[metric] if mode == "max" else -r[metric])
+    _log_summary(client, parent_id, rows, best, metric, mode)
+    if trk["log_model"] and best["checkpoint"]:
+        trial_cfg = trial_config(base, group_options, best["params"])
+        log_final_model(trial_cfg, job, best["run_id"], best["checkpoint"])
+    tracking.end_run(trk["uri"], parent_id, "FINISHED")
+    _print_table(rows, metric, best, time.monotonic() - started)
+    return 0
+
+
+def _search(name: str, metric: str, mode: str):
+    if name == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=metric, mode=mode)
+    return None  # random sampling, or the grid given by grid_search values
+
+
+def _scheduler(base: dict[str, Any]):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    sw = base["sweep"]
+    if sw["scheduler"] == "asha":
+        # One Tune iteration = one epoch (one report per epoch).
+        return ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=base["trainer"]["max_epochs"],
+            grace_period=sw["grace_period"],
+            reduction_factor=sw["reduction_factor"],
+        )
+    return FIFOScheduler()
+
+
+def _reconcile(
+    client, parent_id: str, results, max_epochs: int, metric: str
+) -> list[dict[str, Any]]:
+    """Give every child run a terminal status: trials killed by the scheduler can't end their
+    own run, so the driver does it, tagging them as stopped early."""
+    rows = []
+    for result in results:
+        trial_id = result.metrics.get("trial_id") or os.path.basename(result.path).split("_")[1]
+        child = tracking.find_child_run(client, parent_id, trial_id)
+        # The child run is what reviewers see; a trial can log one more epoch after the
+        # scheduler's decision and before it is stopped, so count epochs there.
+        logged = child.data.metrics if child is not None else result.metrics
+        epochs = int(logged.get("epoch", 0) or 0)
+        status = "FAILED" if result.error else "FINISHED"
+        if child is not None:
+            early = result.error is None and epochs < max_epochs
+            client.set_tag(child.info.run_id, "early_stopped", str(early).lower())
+            if early:
+                client.set_tag(child.info.run_id, "stopped_at_epoch", str(epochs))
+            if child.info.status == "RUNNING":
+                client.set_terminated(child.info.run_id, status)
+        rows.append(
+            {
+                "trial": trial_id,
+                "run_id": child.info.run_id if child else None,
+                "params": {k: v for k, v in (result.config or {}).items()},
+                "status": status,
+                "epochs": epochs,
+                metric: logged.get(metric),
+                "early_stopped": result.error is None and epochs < max_epochs,
+                "checkpoint": result.metrics.get("checkpoint_path"),
+            }
+        )
+    return rows
+
+
+def _log_summary(client, parent_id, rows, best, metric, mode) -> None:
+    from mlflow.entities import Metric
+
+    ordered = sorted(
+        rows,
+        key=lambda r: (r[metric] is None, -(r[metric] or 0) if mode == "max" else (r[metric] or 0)),
+    )
+    out = io.StringIO()
+    keys = sorted({k for r in rows for k in r["params"]})
+    writer = csv.writer(out)
+    writer.writerow(["trial", "run_id", *keys, metric, "epochs", "early_stopped", "status"])
+    for r in ordered:
+        writer.writerow(
+            [
+                r["trial"],
+                r["run_id"],
+                *(r["params"].get(k) for k in keys),
+                r[metric],
+                r["epochs"],
+                r["early_stopped"],
+                r["status"],
+            ]
+        )
+    client.log_text(parent_id, out.getvalue(), "trials.csv")
+    now = int(time.time() * 1000)
+    client.log_batch(
+        parent_id,
+        metrics=[
+            Metric(f"best/{metric}", float(best[metric]), now, 0),
+            Metric("trials", float(len(rows)), now, 0),
+        ],
+    )
+    client.set_tag(parent_id, "best_trial", best["trial"])
+    client.set_tag(parent_id, "best_run_id", best["run_id"] or "")
+    if best["run_id"]:
+        client.set_tag(best["run_id"], "best_trial", "true")
+
+
+def _mark_unfinished(client, parent_id: str, status: str) -> None:
+    for run in client.search_runs(
+        [client.get_run(parent_id).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{parent_id}' and attributes.status = 'RUNNING'",
+    ):
+        client.set_terminated(run.info.run_id, status)
+    client.set_terminated(parent_id, status)
+
+
+def _print_table(rows, metric, best, seconds) -> None:
+    print(
+        f"\nSweep finished in {seconds:.0f}s: {len(rows)} trials; best {metric} = {best[metric]:.4f} "
+        f"(trial {best['trial']}, run {best['run_id']})"
+    )
+    for r in sorted(rows, key=lambda r: r["trial"]):
+        params = " ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r["params"].items()
+        )
+        value = f"{r[metric]:.4f}" if r[metric] is not None else "-"
+        flag = f" (stopped at epoch {r['epochs']})" if r["early_stopped"] else ""
+        print(f"  {r['trial']}  {r['status']:<8} {metric} {value}  {params}{flag}")
