@@ -99,6 +99,21 @@ def connect(cluster: dict[str, Any], state_api: bool = False) -> ClusterResource
     return current_resources()
 
 
+def check_state_api() -> None:
+    """Sweeps need the cluster's State API (see `connect`); without it they hang, so refuse."""
+    from ray.util.state import list_nodes
+
+    try:
+        list_nodes(limit=1, timeout=10, raise_on_missing_output=False)
+    except Exception as exc:
+        raise UserError(
+            "cluster.address",
+            f"the cluster's Ray State API does not answer ({_first_line(exc)}); without it Ray Train "
+            "cannot free the resources of trials the scheduler stops, and the sweep would hang",
+            "start the head with its dashboard (the default of `ray start --head`)",
+        ) from None
+
+
 def current_resources() -> ClusterResources:
     import ray
 

@@ -22,6 +22,7 @@ import csv
 import io
 import os
 import shlex
+import signal
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -245,6 +246,7 @@ def run_sweep(overrides: list[str], argv: list[str], started_at: float) -> int:
     print("Starting Ray ...", flush=True)
     resources = launch.connect(cl, state_api=True)
     try:
+        launch.check_state_api()
         use_gpu = t["use_gpu"] if t["use_gpu"] is not None else resources.gpus > 0
         launch.check_placeable(t, use_gpu, resources)
         per_trial = t["num_workers"] * t["cpus_per_worker"]
@@ -274,6 +276,9 @@ def _quiet_tune() -> None:
     """Tune's console reporter (banner box, TensorBoard hints, trial tables) is for Tune users;
     ours prints its own summary. The legacy reporter at verbose=0 prints nothing."""
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    # Let Ctrl-C reach us as KeyboardInterrupt (Tune saves its experiment state as it goes), so
+    # the driver marks the runs KILLED and prints the resume command.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 
 def _run(
@@ -367,12 +372,16 @@ def _run(
             ),
         )
     started = time.monotonic()
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         _mark_unfinished(client, parent_id, "KILLED")
         print(f"\nSweep interrupted. Resume with: orchestrate -m sweep.resume={parent_id}")
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     rows = _reconcile(client, parent_id, results, base["trainer"]["max_epochs"], metric)
     ok = [r for r in rows if r["status"] == "FINISHED" and r[metric] is not None]
     if not ok:
@@ -387,6 +396,10 @@ def _run(
     tracking.end_run(trk["uri"], parent_id, "FINISHED")
     _print_table(rows, metric, best, time.monotonic() - started)
     return 0
+
+
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _search(name: str, metric: str, mode: str):

@@ -70,7 +70,11 @@ def ray_head():
             "--head",
             f"--port={port}",
             "--num-cpus=2",
-            "--include-dashboard=false",
+            # A full dashboard, on loopback, as `ray start --head` gives by default: Ray Train
+            # frees a stopped sweep trial's placement group through its State API.
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={_free_port()}",
             "--disable-usage-stats",
         ],
         env=env,
@@ -78,8 +82,41 @@ def ray_head():
         capture_output=True,
         timeout=120,
     )
+    session = _session_dir_of(port)
     yield f"127.0.0.1:{port}"
-    subprocess.run([ray, "stop", "--force"], capture_output=True, timeout=120)
+    _stop_session(session)
+
+
+def _session_dir_of(port: int) -> str:
+    """The session directory of the Ray head whose GCS listens on `port`."""
+    for p in psutil.process_iter(["name", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["name"] == "gcs_server" and f"--gcs_server_port={port}" in cmd:
+            return (
+                next(a for a in p.info["cmdline"] if a.startswith("--log_dir="))
+                .split("=", 1)[1]
+                .rsplit("/logs", 1)[0]
+            )
+    raise RuntimeError(f"no gcs_server on port {port}")
+
+
+def _stop_session(session: str) -> None:
+    """Stop exactly this head's processes (`ray stop` would stop every Ray on the machine)."""
+    roots = [
+        p for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])
+    ]
+    procs = {q.pid: q for p in roots for q in [p, *p.children(recursive=True)]}
+    for q in procs.values():
+        try:
+            q.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    for q in alive:
+        try:
+            q.kill()
+        except psutil.Error:
+            pass
 
 
 def run_cli(
