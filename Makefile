@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format clean
+.PHONY: install demo test test-fast lint format bench clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on CPU machines pip's find-links supplies the
 # CPU build; on GPU machines the same pin resolves to the ordinary CUDA build.
@@ -26,9 +26,12 @@ test: $(STAMP)  ## the whole suite, as CI runs it
 test-fast: $(STAMP)  ## everything except the end-to-end Ray runs
 	$(BIN)/python -m pytest -m "not slow"
 
+bench: $(STAMP)  ## measured figures (not part of the tests); see benchmarks/
+	$(BIN)/python benchmarks/sweep_efficiency.py
+
 lint: $(STAMP)
-	$(BIN)/ruff check orchestrator jobs tests
-	$(BIN)/ruff format --check orchestrator jobs tests
+	$(BIN)/ruff check orchestrator jobs tests benchmarks
+	$(BIN)/ruff format --check orchestrator jobs tests benchmarks
 	$(BIN)/mypy
 
 format: $(STAMP)

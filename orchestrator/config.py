@@ -48,6 +48,7 @@ class TrainerConfig:
     max_failures: int = 0  # worker-group restarts from the latest checkpoint
     cpus_per_worker: float = 1.0
     log_every_n_steps: int = 10
+    limit_batches: int = 0  # train and evaluate on at most this many batches per epoch; 0 = all
     # Torch intra-op threads per worker; 0 = cpus_per_worker. Oversubscribed threads are
     # the classic way to make CPU DDP slower than one process.
     threads_per_worker: int = 0
@@ -184,6 +185,12 @@ def validate(cfg: dict[str, Any]) -> None:
         "trainer.grad_clip",
         f"must be 0 (off) or positive, got {t['grad_clip']}",
         "set trainer.grad_clip=1.0 or 0",
+    )
+    _require(
+        t["limit_batches"] >= 0,
+        "trainer.limit_batches",
+        f"must be 0 (all) or more, got {t['limit_batches']}",
+        "set trainer.limit_batches=0",
     )
     _require(
         t["log_every_n_steps"] >= 1,

@@ -100,14 +100,16 @@ def to_device(batch, device: torch.device):
 
 
 def evaluate(
-    job: JobSpec, model: nn.Module, loader: DataLoader, device, autocast
+    job: JobSpec, model: nn.Module, loader: DataLoader, device, autocast, limit: int = 0
 ) -> dict[str, float]:
     """Means of the job's per-sample eval values over the whole held-out set (all shards)."""
     model.eval()
     sums: dict[str, torch.Tensor] = {}
     count = torch.zeros((), dtype=torch.float64, device=device)
     with torch.no_grad(), autocast():
-        for batch in loader:
+        for i, batch in enumerate(loader):
+            if limit and i == limit:
+                break
             values = job.eval_step(model, to_device(batch, device))
             for key, v in values.items():
                 sums[key] = sums.get(key, 0) + v.detach().double().sum()
@@ -138,6 +140,7 @@ def _rank0_evaluate(
 
 
 def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> LoopResult:
+    loop_started = time.perf_counter()
     tcfg = cfg["trainer"]
     seed = cfg["seed"]
     torch.set_num_threads(tcfg["threads_per_worker"] or max(1, int(tcfg["cpus_per_worker"])))
@@ -158,7 +161,8 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
     val_shard = Subset(splits.val, range(ctx.rank, len(splits.val), ctx.world_size))  # type: ignore[arg-type]
     val_loader = DataLoader(val_shard, batch_size=max(256, tcfg["batch_size"]))
     accum = tcfg["grad_accum_steps"]
-    steps_per_epoch = math.ceil(len(train_loader) / accum)
+    n_batches = min(len(train_loader), tcfg["limit_batches"] or len(train_loader))
+    steps_per_epoch = math.ceil(n_batches / accum)
     optimizer = build_optimizer(model.parameters(), cfg["optim"])
     scheduler = build_scheduler(optimizer, cfg["sched"], steps_per_epoch, tcfg["max_epochs"])
     use_bf16 = tcfg["precision"] == "bf16"
@@ -201,8 +205,10 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         )  # [sum, batches] this log window
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)
         samples = 0
-        n_micro = len(train_loader)
+        n_micro = min(len(train_loader), tcfg["limit_batches"] or len(train_loader))
         for micro, batch in enumerate(train_loader):
+            if micro == n_micro:
+                break
             batch = to_device(batch, device)
             sync = (micro + 1) % accum == 0 or micro + 1 == n_micro
             # The last group of an epoch may be short: average over the micro-batches it has.
@@ -265,7 +271,7 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         total_samples = all_reduce_sum(torch.tensor(float(samples), device=device)).item()
         last = {
             "train/loss_epoch": (epoch_loss[0] / epoch_loss[1]).item(),
-            **evaluate(job, ddp, val_loader, device, autocast),
+            **evaluate(job, ddp, val_loader, device, autocast, tcfg["limit_batches"]),
             "train/samples_per_s": total_samples / seconds,
             "train/epoch_time_s": seconds,
             "epoch": epoch + 1,
@@ -300,6 +306,8 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
             }
         )
 
+    # Wall time inside this function (setup included), to tell orchestration overhead apart.
+    metrics_out.log({"time/loop_s": time.perf_counter() - loop_started}, step=global_step)
     metrics_out.flush()
     result = LoopResult("finished", tcfg["max_epochs"], global_step, last)
     ctx.progress({"type": "outcome", **result.__dict__})

@@ -368,7 +368,10 @@ def _run(
                 max_concurrent_trials=concurrent,
             ),
             run_config=tune.RunConfig(
-                name=sweep_name, storage_path=base["cluster"]["storage_path"], verbose=0
+                name=sweep_name,
+                storage_path=base["cluster"]["storage_path"],
+                verbose=0,
+                callbacks=[_child_closer(trk["uri"], parent_id, base["trainer"]["max_epochs"])],
             ),
         )
     started = time.monotonic()
@@ -425,36 +428,77 @@ def _scheduler(base: dict[str, Any]):
     return FIFOScheduler()
 
 
+def _close_child(
+    client, parent_id: str, trial_id: str, last_result: dict, failed: bool, max_epochs: int
+):
+    """Give a trial's child run its terminal status; a trial the scheduler stopped can't end its
+    own run, so the driver does, tagging it `early_stopped` with the epoch it reached."""
+    child = tracking.find_child_run(client, parent_id, trial_id)
+    # The child run is what reviewers see; a trial can log one more epoch after the
+    # scheduler's decision and before it is stopped, so count epochs there.
+    logged = child.data.metrics if child is not None else last_result
+    epochs = int(logged.get("epoch", 0) or 0)
+    early = not failed and epochs < max_epochs
+    if child is not None:
+        client.set_tag(child.info.run_id, "early_stopped", str(early).lower())
+        if early:
+            client.set_tag(child.info.run_id, "stopped_at_epoch", str(epochs))
+        if child.info.status == "RUNNING":
+            client.set_terminated(child.info.run_id, "FAILED" if failed else "FINISHED")
+    return child, logged, epochs, early
+
+
+def _child_closer(uri: str, parent_id: str, max_epochs: int):
+    """A Tune callback (it runs on the driver) closing each child run as its trial ends, so
+    stopped trials don't read RUNNING for the rest of the sweep. Holds only plain values:
+    Tune pickles it with the experiment for `sweep.resume`."""
+    from ray import tune
+
+    class CloseChildRuns(tune.Callback):
+        def _close(self, trial, failed: bool) -> None:
+            try:
+                _close_child(
+                    tracking.client(uri),
+                    parent_id,
+                    trial.trial_id,
+                    trial.last_result or {},
+                    failed,
+                    max_epochs,
+                )
+            except Exception as exc:  # the final reconciliation will try again
+                print(
+                    f"warning: could not close the run of trial {trial.trial_id}: {exc}", flush=True
+                )
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self._close(trial, failed=False)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self._close(trial, failed=True)
+
+    return CloseChildRuns()
+
+
 def _reconcile(
     client, parent_id: str, results, max_epochs: int, metric: str
 ) -> list[dict[str, Any]]:
-    """Give every child run a terminal status: trials killed by the scheduler can't end their
-    own run, so the driver does it, tagging them as stopped early."""
+    """Every trial's row for the summary, and a terminal status for every child run."""
     rows = []
     for result in results:
         trial_id = result.metrics.get("trial_id") or os.path.basename(result.path).split("_")[1]
-        child = tracking.find_child_run(client, parent_id, trial_id)
-        # The child run is what reviewers see; a trial can log one more epoch after the
-        # scheduler's decision and before it is stopped, so count epochs there.
-        logged = child.data.metrics if child is not None else result.metrics
-        epochs = int(logged.get("epoch", 0) or 0)
-        status = "FAILED" if result.error else "FINISHED"
-        if child is not None:
-            early = result.error is None and epochs < max_epochs
-            client.set_tag(child.info.run_id, "early_stopped", str(early).lower())
-            if early:
-                client.set_tag(child.info.run_id, "stopped_at_epoch", str(epochs))
-            if child.info.status == "RUNNING":
-                client.set_terminated(child.info.run_id, status)
+        failed = result.error is not None
+        child, logged, epochs, early = _close_child(
+            client, parent_id, trial_id, result.metrics, failed, max_epochs
+        )
         rows.append(
             {
                 "trial": trial_id,
                 "run_id": child.info.run_id if child else None,
-                "params": {k: v for k, v in (result.config or {}).items()},
-                "status": status,
+                "params": dict(result.config or {}),
+                "status": "FAILED" if failed else "FINISHED",
                 "epochs": epochs,
                 metric: logged.get(metric),
-                "early_stopped": result.error is None and epochs < max_epochs,
+                "early_stopped": early,
                 "checkpoint": result.metrics.get("checkpoint_path"),
             }
         )

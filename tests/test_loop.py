@@ -104,3 +104,10 @@ def test_job_hooks_log_references_and_artifacts_to_mlflow(tmp_path):
     assert baseline.step == 0 and 0.9 < baseline.value <= 1.0
     files = [f.path for f in client.list_artifacts(run_id, "confusion_matrix")]
     assert files == ["confusion_matrix/epoch_002.png"]
+
+
+def test_limit_batches_caps_steps_per_epoch():
+    full = train(["trainer.max_epochs=1", "trainer.batch_size=16"])
+    limited = train(["trainer.max_epochs=2", "trainer.batch_size=16", "trainer.limit_batches=3"])
+    assert full.step == 29  # 455 training rows / 16
+    assert limited.step == 6

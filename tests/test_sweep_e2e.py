@@ -54,6 +54,9 @@ def test_asha_sweep_of_16_trials_completes_and_promotes_the_best(tmp_path, ray_h
     assert len({c.data.params["optim.lr"] for c in children}) == 16  # each trial its own params
     stopped = [c for c in children if c.data.tags["early_stopped"] == "true"]
     assert stopped and all(int(c.data.tags["stopped_at_epoch"]) < 3 for c in stopped)
+    # Stopped trials were closed as they stopped, not all at the end of the sweep.
+    full = [c for c in children if c.data.tags["early_stopped"] == "false"]
+    assert min(c.info.end_time for c in stopped) < max(c.info.end_time for c in full)
     best = max(children, key=lambda c: c.data.metrics["val/acc"])
     assert parent.data.tags["best_run_id"] == best.info.run_id
     assert best.data.tags["best_trial"] == "true"
