@@ -107,6 +107,10 @@ class SweepConfig:
     grace_period: int = 1  # asha: epochs every trial gets before it may be stopped
     reduction_factor: int = 3  # asha: keep the best 1/reduction_factor at each rung
     resume: str | None = None  # parent MLflow run id of an interrupted sweep to continue
+    # The space, written in config (conf/sweep/*.yaml): key -> expression in the same grammar,
+    # e.g. {"optim.lr": "tag(log,interval(1e-4,1e-1))"}. Sweep overrides on the command line
+    # add dimensions or replace these.
+    params: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

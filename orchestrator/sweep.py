@@ -105,6 +105,16 @@ def split_overrides(overrides: list[str], groups: list[str]) -> tuple[list[str],
     return fixed, dims
 
 
+def with_config_space(
+    base: dict[str, Any], dims: list[Dimension], groups: list[str]
+) -> list[Dimension]:
+    """The space from `sweep.params` (conf/sweep/*.yaml), with the command line's dimensions
+    added or replacing those of the same key."""
+    given = {d.key for d in dims}
+    from_config = [f"{k}={v}" for k, v in base["sweep"]["params"].items() if k not in given]
+    return [*split_overrides(from_config, groups)[1], *dims]
+
+
 def _set(cfg: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, last = dotted.split(".")
     node = cfg
@@ -224,11 +234,12 @@ def run_sweep(overrides: list[str], argv: list[str], started_at: float) -> int:
     overrides, resume_id = _resolve_resume(overrides)
     groups = [g for g in ("optim", "sched") if available(g)]
     fixed, dims = split_overrides(overrides, groups)
+    base = compose_config(fixed)
+    dims = with_config_space(base, dims, groups)
     if not dims:
         raise UserError(
             "-m", "no sweep given", "add e.g. optim.lr=1e-3,1e-2 or optim.lr='interval(1e-4,1e-1)'"
         )
-    base = compose_config(fixed)
     group_options = _validate_space(fixed, dims)
     grid = base["sweep"]["search"] == "grid"
     for d in dims:  # e.g. a grid over an interval: refuse before anything starts

@@ -73,3 +73,34 @@ def test_trial_config_applies_groups_then_keys_with_the_schema_types():
     assert cfg["optim"]["name"] == "sgd" and cfg["optim"]["lr"] == 0.2
     assert cfg["optim"]["weight_decay"] == 0.0 and isinstance(cfg["optim"]["weight_decay"], float)
     assert base["optim"]["name"] == "adamw"  # the base is not mutated
+
+
+def test_space_written_in_config_merges_with_the_command_line():
+    from orchestrator.sweep import with_config_space
+
+    base = compose_config(["job=cnn_digits", "sweep=cnn_digits_asha"])
+    assert base["sweep"]["scheduler"] == "asha" and base["sweep"]["num_samples"] == 16
+    _, command_line = split_overrides(["optim.weight_decay=0,0.5"], GROUPS)
+    dims = {d.key: d for d in with_config_space(base, command_line, GROUPS)}
+    assert dims["optim.lr"].kind == "loguniform"
+    assert dims["trainer.batch_size"].values == (32, 64, 128)
+    assert dims["optim.weight_decay"].values == (0, 0.5)  # the command line wins
+
+
+def test_optuna_search_is_tpe():
+    from ray.tune.search.optuna import OptunaSearch
+
+    from orchestrator.sweep import _search
+
+    assert isinstance(_search("optuna", "val/acc", "max"), OptunaSearch)
+    assert _search("random", "val/acc", "max") is None
+
+
+def test_sweep_syntax_without_m_is_a_clear_error(tmp_path):
+    from tests.conftest import run_cli
+
+    out = run_cli(["job=mlp_tabular", "optim.lr=1e-3,1e-2"], tmp_path, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        "error: optim.lr: 'optim.lr=1e-3,1e-2' is a sweep — add -m to run a sweep, or give one value"
+    )
