@@ -10,6 +10,7 @@ problem with it is one line on stderr naming the key and the fix, and exit code 
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import time
@@ -194,6 +195,8 @@ def _reject_sweeps_without_m(overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     started_at = time.time()
+    # MLflow announces e.g. schema migrations of a new SQLite store at INFO; users need none of it.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     argv = list(sys.argv[1:] if argv is None else argv)
     from hydra._internal.utils import get_args_parser
 

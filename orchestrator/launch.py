@@ -101,10 +101,14 @@ def connect(cluster: dict[str, Any], state_api: bool = False) -> ClusterResource
 
 def check_state_api() -> None:
     """Sweeps need the cluster's State API (see `connect`); without it they hang, so refuse."""
+    import ray
     from ray.util.state import list_nodes
 
     try:
-        list_nodes(limit=1, timeout=10, raise_on_missing_output=False)
+        # The cluster's own address: left to guess, the State API picks whichever Ray was
+        # started last on this machine.
+        address = ray.get_runtime_context().gcs_address
+        list_nodes(address=address, limit=1, timeout=10, raise_on_missing_output=False)
     except Exception as exc:
         raise UserError(
             "cluster.address",

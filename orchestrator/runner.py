@@ -11,7 +11,6 @@ Order matters and is the point of this module:
 
 from __future__ import annotations
 
-import logging
 import os
 import shlex
 import signal
@@ -51,8 +50,6 @@ def prepare(cfg: dict[str, Any], cwd: str) -> None:
 
 
 def run_job(cfg: dict[str, Any], argv: list[str], overrides: list[str], started_at: float) -> int:
-    # MLflow announces schema migrations of a new SQLite store at INFO; users need none of it.
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
     prepare(cfg, os.getcwd())
     tcfg, ccfg, trk = cfg["trainer"], cfg["cluster"], cfg["tracking"]
     name = cfg["job"]["name"]
