@@ -80,6 +80,7 @@ def connect(cluster: dict[str, Any], state_api: bool = False) -> ClusterResource
             os.environ.setdefault(key, value)
         # address="local": always a fresh embedded instance, never a `ray start` cluster
         # that happens to run on this machine.
+        _private_temp_dir()
         ray.init(
             address="local",
             num_cpus=cluster["num_cpus"] or os.cpu_count(),
@@ -87,6 +88,9 @@ def connect(cluster: dict[str, Any], state_api: bool = False) -> ClusterResource
             dashboard_host="127.0.0.1",
             **common,
         )
+        # Processes inside the cluster that look "their" cluster up (Ray Train's placement-
+        # group cleaner does, via the State API) read this file under RAY_TMPDIR.
+        ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address)
     else:
         try:
             ray.init(address=cluster["address"], runtime_env={"env_vars": _POLL_ENV}, **common)
@@ -116,6 +120,23 @@ def check_state_api() -> None:
             "cannot free the resources of trials the scheduler stops, and the sweep would hang",
             "start the head with its dashboard (the default of `ray start --head`)",
         ) from None
+
+
+_OWN_TEMP_DIR: str | None = None
+
+
+def _private_temp_dir() -> None:
+    """Give the embedded Ray a temp dir of its own (inherited by all its processes). Ray finds
+    "the current cluster" through a file in its temp dir; shared with other Ray instances on
+    the machine, that file names whichever started last, and Ray Train's cleaner then queries
+    the wrong cluster and never frees a stopped sweep trial's CPUs."""
+    global _OWN_TEMP_DIR
+    if "RAY_TMPDIR" not in os.environ:
+        import tempfile
+
+        # Short: Ray's unix socket paths live under it and must stay under ~100 characters.
+        _OWN_TEMP_DIR = tempfile.mkdtemp(prefix="orc-", dir="/tmp")
+        os.environ["RAY_TMPDIR"] = _OWN_TEMP_DIR
 
 
 def current_resources() -> ClusterResources:
@@ -214,6 +235,10 @@ def shutdown() -> None:
 
         if ray.is_initialized():
             ray.shutdown()
+    if _OWN_TEMP_DIR is not None:  # Ray's session logs of the embedded cluster
+        import shutil
+
+        shutil.rmtree(_OWN_TEMP_DIR, ignore_errors=True)
 
 
 def _first_line(exc: BaseException) -> str:

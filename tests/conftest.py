@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,14 +42,21 @@ def ray_processes() -> set[int]:
     return pids
 
 
+HEAD_SESSION: list[str] = []  # the session directory of the `ray_head` fixture, once started
+
+
 def train_workers() -> list[psutil.Process]:
+    """Ray Train workers of the test head (other Ray instances on the machine are ignored)."""
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                found.append(p)
+            if "RayTrainWorker" not in " ".join(p.info["cmdline"] or []):
+                continue
+            ancestry = " ".join(" ".join(a.cmdline()) for a in p.parents())
         except psutil.Error:
             continue
+        if not HEAD_SESSION or HEAD_SESSION[0] in ancestry:
+            found.append(p)
     return found
 
 
@@ -61,6 +69,9 @@ def ray_head():
         "RAY_AUTH_MODE": "disabled",  # token auth is issue #5's business; this head is loopback-only
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # bind to 127.0.0.1 only
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+        # Its own temp dir: Ray's processes find "their" cluster through a file there, which
+        # other Ray instances on this machine would otherwise overwrite.
+        "RAY_TMPDIR": tempfile.mkdtemp(prefix="orc-head-", dir="/tmp"),
     }
     ray = str(BIN / "ray")
     subprocess.run(
@@ -83,6 +94,7 @@ def ray_head():
         timeout=120,
     )
     session = _session_dir_of(port)
+    HEAD_SESSION.append(session)
     yield f"127.0.0.1:{port}"
     _stop_session(session)
 
