@@ -66,13 +66,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument(
+        "--sweeps", default="grid,asha", help="which to run; the others are read from --out"
+    )
     args = parser.parse_args()
-    results = {}
-    with tempfile.TemporaryDirectory() as grid_dir, tempfile.TemporaryDirectory() as asha_dir:
-        results["grid"] = run_sweep(Path(grid_dir), ["sweep.search=grid"], args.epochs, 1)
-        results["asha"] = run_sweep(
-            Path(asha_dir), ["sweep.scheduler=asha", "sweep.reduction_factor=2"], args.epochs, 16
-        )
+    out = Path(args.out)
+    previous = out / "sweep_efficiency.json"
+    results = json.loads(previous.read_text()) if previous.exists() else {}
+    settings = {
+        "grid": (["sweep.search=grid"], 1),
+        "asha": (["sweep.scheduler=asha", "sweep.reduction_factor=2"], 16),
+    }
+    for name in args.sweeps.split(","):
+        with tempfile.TemporaryDirectory() as workdir:
+            results[name] = run_sweep(
+                Path(workdir), settings[name][0], args.epochs, settings[name][1]
+            )
     g, a = results["grid"], results["asha"]
     results["asha_minus_grid_points"] = round(100 * (a["best_val_acc"] - g["best_val_acc"]), 2)
     results["asha_epoch_share"] = round(a["trial_epochs"] / g["trial_epochs"], 3)
@@ -90,7 +99,6 @@ def main() -> None:
         f"ASHA − grid best accuracy: {results['asha_minus_grid_points']:+.2f} points; "
         f"ASHA used {100 * results['asha_epoch_share']:.0f} % of the grid's trial-epochs.",
     ]
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep_efficiency.md").write_text("\n".join(lines) + "\n")
     (out / "sweep_efficiency.json").write_text(json.dumps(results, indent=2))
