@@ -29,6 +29,12 @@ BARS = {
         "≤ tuned AR(p)",
         lambda m: m["val/rmse"] <= m["baseline/ar_rmse"],
     ),
+    "autoencoder_digits": (
+        "val/mse",
+        "baseline/pca8_mse",
+        "≤ 0.8 × PCA-8",
+        lambda m: m["val/mse"] <= 0.8 * m["baseline/pca8_mse"],
+    ),
     "gnn_graphs": (
         "val/acc",
         "baseline/degree_hist_logreg_acc",

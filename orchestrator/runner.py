@@ -164,6 +164,8 @@ def log_final_model(cfg, job, run_id: str, checkpoint_dir: str) -> None:
     from orchestrator.job import job_config
 
     trk = cfg["tracking"]
+    # As on the workers: a job may load `models:/name@alias` (fine-tuning) from this job's store.
+    os.environ["MLFLOW_TRACKING_URI"] = trk["uri"]
     state = checkpoint.load(checkpoint_dir)
     jcfg = job_config(job, cfg["job"])
     torch.manual_seed(cfg["seed"])
