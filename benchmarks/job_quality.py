@@ -29,11 +29,29 @@ BARS = {
         "≤ tuned AR(p)",
         lambda m: m["val/rmse"] <= m["baseline/ar_rmse"],
     ),
+    "transformer_lm": (
+        "val/bpc",
+        "baseline/ngram_bpc",
+        "< best n-gram (n ≤ 5)",
+        lambda m: m["val/bpc"] < m["baseline/ngram_bpc"],
+    ),
     "autoencoder_digits": (
         "val/mse",
         "baseline/pca8_mse",
         "≤ 0.8 × PCA-8",
         lambda m: m["val/mse"] <= 0.8 * m["baseline/pca8_mse"],
+    ),
+    "gan_digits": (
+        "val/fid_ratio",
+        "baseline/fid_floor",
+        "FID ≤ 6 × floor, every class ≥ 4 %",
+        lambda m: m["val/fid_ratio"] <= 6 and m["val/min_class_share"] >= 0.04,
+    ),
+    "diffusion_digits": (
+        "val/fid_ratio",
+        "baseline/fid_floor",
+        "FID ≤ 3 × floor, every class ≥ 4 %, FID < gan_digits'",
+        lambda m: m["val/fid_ratio"] <= 3 and m["val/min_class_share"] >= 0.04,
     ),
     "gnn_graphs": (
         "val/acc",
@@ -41,18 +59,44 @@ BARS = {
         "≥ 0.95 and > baseline",
         lambda m: m["val/acc"] >= 0.95 and m["val/acc"] > m["baseline/degree_hist_logreg_acc"],
     ),
+    "ssm_selective_copy": (
+        "val/acc",
+        "baseline/lstm_acc",
+        "≥ 0.97 (LSTM of equal size beside it)",
+        lambda m: m["val/acc"] >= 0.97,
+    ),
+    "finetune_digits": (
+        "val/acc",
+        "baseline/scratch_acc",
+        "≥ scratch + 0.05",
+        lambda m: m["val/acc"] >= m["baseline/scratch_acc"] + 0.05,
+    ),
 }
+
+# Jobs that start from another job's registered model: what runs first, in the same store.
+PRETRAIN = {
+    "finetune_digits": (
+        ["job=autoencoder_digits", "tracking.register_as=digits_ae"],
+        ["job.init_from=models:/digits_ae@champion"],
+    )
+}
+
+
+def orchestrate(args: list[str], workdir: str) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "orchestrate"), *args]
+    return subprocess.run(command, cwd=workdir, capture_output=True, text=True)
 
 
 def run_job(job: str) -> dict:
     from mlflow.tracking import MlflowClient
 
-    orchestrate = str(Path(sys.executable).parent / "orchestrate")
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.monotonic()
-        out = subprocess.run(
-            [orchestrate, f"job={job}"], cwd=workdir, capture_output=True, text=True
-        )
+        pretrain, extra = PRETRAIN.get(job, ([], []))
+        out = orchestrate(pretrain, workdir) if pretrain else None
+        if out is None or out.returncode == 0:
+            t0 = time.monotonic()  # the job's own wall time, without its pretraining
+            out = orchestrate([f"job={job}", *extra], workdir)
         wall = time.monotonic() - t0
         if out.returncode != 0:
             return {
@@ -61,7 +105,8 @@ def run_job(job: str) -> dict:
                 "wall_s": round(wall),
             }
         client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
-        (run,) = client.search_runs([client.get_experiment_by_name("orchestrator").experiment_id])
+        experiment = client.get_experiment_by_name("orchestrator").experiment_id
+        (run,) = client.search_runs([experiment], f"tags.job = '{job}'")
         metrics = run.data.metrics
     metric, reference, bar, check = BARS[job]
     return {
@@ -73,7 +118,16 @@ def run_job(job: str) -> dict:
         "bar": bar,
         "met": bool(check(metrics)),
         "wall_s": round(wall),
+        "metrics": {k: v for k, v in metrics.items() if k.startswith(("val/", "baseline/"))},
     }
+
+
+def compare_generators(rows: list[dict]) -> None:
+    """diffusion_digits' bar includes beating gan_digits (when both ran)."""
+    by_job = {r["job"]: r for r in rows if "error" not in r}
+    if "gan_digits" in by_job and "diffusion_digits" in by_job:
+        gan, diffusion = by_job["gan_digits"], by_job["diffusion_digits"]
+        diffusion["met"] = diffusion["met"] and diffusion["value"] < gan["value"]
 
 
 def main() -> None:
@@ -84,7 +138,8 @@ def main() -> None:
     rows = []
     for job in args.jobs.split(","):
         rows.append(run_job(job))
-        print(rows[-1], flush=True)
+        print({k: v for k, v in rows[-1].items() if k != "metrics"}, flush=True)
+    compare_generators(rows)
     lines = [
         "| job | metric | value | reference | reference value | bar | met? | wall s |",
         "|---|---|---|---|---|---|---|---|",
