@@ -5,8 +5,8 @@
 
 Trains on cnn_digits' fixed 80 % split (pixels scaled to [-1, 1]) with min-SNR-weighted noise
 MSE. Every `eval_every` epochs, DDIM samples from a fixed seed are scored as in gan_digits (val/fid
-main metric). Logged model: the denoiser, N×65 (64 noisy pixels in [-1, 1], then t/timesteps)
-→ predicted noise N×64.
+main metric); the default config evaluates and logs the weight EMA (trainer.ema_decay).
+Logged model: the denoiser, N×65 (64 noisy pixels in [-1, 1], then t/timesteps) → noise N×64.
 """
 
 from __future__ import annotations

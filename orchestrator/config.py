@@ -45,6 +45,9 @@ class TrainerConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     grad_accum_steps: int = 1
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
+    # Exponential moving average of the weights, updated every optimizer step; when on, it is
+    # what evaluation sees and what is logged as the model (generative models gain the most).
+    ema_decay: float = 0.0  # 0 = off; e.g. 0.999
     max_failures: int = 0  # worker-group restarts from the latest checkpoint
     cpus_per_worker: float = 1.0
     log_every_n_steps: int = 10
@@ -183,6 +186,12 @@ def validate(cfg: dict[str, Any]) -> None:
         "trainer.cpus_per_worker",
         f"must be positive, got {t['cpus_per_worker']}",
         "set trainer.cpus_per_worker=1",
+    )
+    _require(
+        0 <= t["ema_decay"] < 1,
+        "trainer.ema_decay",
+        f"must be in [0, 1), got {t['ema_decay']}",
+        "set trainer.ema_decay=0.999 or 0 (off)",
     )
     _require(
         t["grad_clip"] >= 0,

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 from orchestrator.context import WorkerContext
@@ -166,6 +167,12 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
     optimizer = build_optimizer(model.parameters(), cfg["optim"])
     scheduler = build_scheduler(optimizer, cfg["sched"], steps_per_epoch, tcfg["max_epochs"])
     use_bf16 = tcfg["precision"] == "bf16"
+    # Weight EMA (buffers such as batch-norm statistics averaged too); identical on every rank.
+    ema = (
+        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(tcfg["ema_decay"]), use_buffers=True)
+        if tcfg["ema_decay"]
+        else None
+    )
 
     def autocast():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -177,6 +184,8 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
         start_epoch, global_step = state["epoch"], state["global_step"]
         ctx.progress({"type": "resumed", "epoch": start_epoch, "step": global_step})
 
@@ -244,6 +253,8 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(model)
             global_step += 1
             if global_step == 1 and started_at is not None:
                 metrics_out.log({"startup/time_to_first_step_s": time.time() - started_at}, step=0)
@@ -267,11 +278,12 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
                 )
 
         epoch_loss = all_reduce_sum(epoch_loss + loss_sum)
+        evaluated = ema.module if ema is not None else model  # what is evaluated and deployed
         seconds = time.perf_counter() - epoch_start
         total_samples = all_reduce_sum(torch.tensor(float(samples), device=device)).item()
         last = {
             "train/loss_epoch": (epoch_loss[0] / epoch_loss[1]).item(),
-            **evaluate(job, ddp, val_loader, device, autocast, tcfg["limit_batches"]),
+            **evaluate(job, evaluated, val_loader, device, autocast, tcfg["limit_batches"]),
             "train/samples_per_s": total_samples / seconds,
             "train/epoch_time_s": seconds,
             "epoch": epoch + 1,
@@ -279,7 +291,7 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         if job.evaluate is not None and ctx.rank == 0:
             last.update(
                 _rank0_evaluate(
-                    job, model, splits, jcfg, epoch + 1, tcfg["max_epochs"], device, metrics_out
+                    job, evaluated, splits, jcfg, epoch + 1, tcfg["max_epochs"], device, metrics_out
                 )
             )
         metrics_out.log(last, step=global_step)
@@ -290,6 +302,7 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
+                **({"ema": ema.state_dict()} if ema is not None else {}),
                 "epoch": epoch + 1,
                 "global_step": global_step,
                 "torch_rng": torch.get_rng_state(),

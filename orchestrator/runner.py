@@ -74,6 +74,13 @@ def run_job(cfg: dict[str, Any], argv: list[str], overrides: list[str], started_
         launch.shutdown()
 
 
+def deployed_weights(state: dict) -> dict:
+    """The weights to log as the model: the EMA's when training kept one (trainer.ema_decay)."""
+    if "ema" not in state:
+        return state["model"]
+    return {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
+
+
 def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu) -> int:
     trk = cfg["tracking"]
     name = cfg["job"]["name"]
@@ -171,7 +178,7 @@ def log_final_model(cfg, job, run_id: str, checkpoint_dir: str) -> None:
     torch.manual_seed(cfg["seed"])
     splits = job.build_data(jcfg)
     model = job.build_model(jcfg, splits)
-    model.load_state_dict(state["model"])
+    model.load_state_dict(deployed_weights(state))
     batch = next(iter(DataLoader(splits.val, batch_size=5)))
     if job.export is not None:
         model, example = job.export(model.eval(), batch)

@@ -111,3 +111,48 @@ def test_limit_batches_caps_steps_per_epoch():
     limited = train(["trainer.max_epochs=2", "trainer.batch_size=16", "trainer.limit_batches=3"])
     assert full.step == 29  # 455 training rows / 16
     assert limited.step == 6
+
+
+def test_weight_ema_is_what_evaluation_sees_and_survives_resume(tmp_path):
+    """trainer.ema_decay: the logged val metrics are the averaged weights' (not the raw ones'),
+    the checkpoint carries the average, and a resumed run continues it exactly."""
+    from orchestrator.job import job_config, load_job
+    from orchestrator.loop import evaluate
+    from orchestrator.runner import deployed_weights
+
+    ema = ["trainer.ema_decay=0.9", "job.dropout=0"]
+    plain = train(["job.dropout=0"])
+    averaged = train(ema, checkpoint_dir=str(tmp_path / "full"))
+    assert averaged.metrics["train/loss_epoch"] == plain.metrics["train/loss_epoch"]  # same path
+    assert averaged.metrics["val/loss"] != plain.metrics["val/loss"]  # evaluated differently
+
+    # Rebuild the evaluation from the checkpoint's EMA weights: it gives the logged numbers.
+    state = load(tmp_path / "full")
+    assert set(state["ema"]) > {"n_averaged"} and state["ema"]["n_averaged"] == averaged.step
+    cfg = compose_config(FAST + ema)
+    job = load_job("mlp_tabular")
+    jcfg = job_config(job, cfg["job"])
+    splits = job.build_data(jcfg)
+    model = job.build_model(jcfg, splits)
+    model.load_state_dict(deployed_weights(state))
+    loader = torch.utils.data.DataLoader(splits.val, batch_size=256)
+    again = evaluate(
+        job, model, loader, torch.device("cpu"), lambda: torch.autocast("cpu", enabled=False)
+    )
+    assert again["val/loss"] == pytest.approx(averaged.metrics["val/loss"], rel=1e-6)
+
+    def crash_after_second_epoch(event):
+        if event["type"] == "epoch" and event["epoch"] == 2:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        train(ema, checkpoint_dir=str(tmp_path / "resumed"), on_progress=crash_after_second_epoch)
+    resumed = train(ema, checkpoint_dir=str(tmp_path / "resumed"))
+    assert resumed.metrics["val/loss"] == pytest.approx(averaged.metrics["val/loss"], abs=1e-6)
+
+
+def test_ema_decay_out_of_range_is_a_clear_error():
+    from orchestrator.errors import UserError
+
+    with pytest.raises(UserError, match="trainer.ema_decay"):
+        compose_config(["trainer.ema_decay=1.0"])
