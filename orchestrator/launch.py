@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from orchestrator.errors import UserError
@@ -225,6 +226,30 @@ def fit_in_background(*args, **kwargs) -> tuple[threading.Thread, dict[str, Any]
     thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
     thread.start()
     return thread, box
+
+
+def run_tasks(fn, shards: list, files: Path) -> list:
+    """fn(local copy of `files`, shard) for each shard, as Ray tasks of 1 CPU, results in order.
+
+    The folder travels through the object store (once), so tasks on any node can read it.
+    """
+    import ray
+
+    blob = ray.put(
+        {str(p.relative_to(files)): p.read_bytes() for p in files.rglob("*") if p.is_file()}
+    )
+
+    @ray.remote(num_cpus=1)
+    def task(contents: dict[str, bytes], shard):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for rel, data in contents.items():
+                (Path(tmp) / rel).parent.mkdir(parents=True, exist_ok=True)
+                (Path(tmp) / rel).write_bytes(data)
+            return fn(tmp, shard)
+
+    return ray.get([task.remote(blob, shard) for shard in shards])
 
 
 def shutdown() -> None:
