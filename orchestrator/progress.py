@@ -84,3 +84,86 @@ def drain(queue, display: ProgressDisplay, timeout: float = 0.25) -> None:
             display.handle(queue.get_nowait())
     except Empty:
         pass
+
+
+def _fmt_value(v: Any) -> str:
+    return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+
+class SweepDisplay:
+    """The live trial table of a sweep: trial, params, status, epochs, best metric so far.
+
+    On a terminal the table is redrawn in place (at most once a second, and at every trial's
+    start and end); elsewhere each trial's start and end is one plain line, so CI logs and
+    `ray job logs` stay readable.
+    """
+
+    def __init__(self, metric: str, mode: str, stream: TextIO | None = None):
+        self.stream = stream or sys.stdout
+        self.live = self.stream.isatty()
+        self.metric, self.mode = metric, mode
+        self.trials: dict[str, dict[str, Any]] = {}
+        self.drawn_lines = 0
+        self.last_draw = 0.0
+
+    def _better(self, a: float, b: float | None) -> bool:
+        return b is None or (a > b if self.mode == "max" else a < b)
+
+    def started(self, trial: str, params: dict[str, Any]) -> None:
+        self.trials[trial] = {"params": params, "status": "RUNNING", "epoch": 0, "best": None}
+        self._show(trial, force=True)
+
+    def result(self, trial: str, epoch: int, value: float | None) -> None:
+        row = self.trials.setdefault(
+            trial, {"params": {}, "status": "RUNNING", "epoch": 0, "best": None}
+        )
+        row["epoch"] = max(row["epoch"], epoch)
+        if value is not None and self._better(value, row["best"]):
+            row["best"] = value
+        if self.live:
+            self._draw()
+
+    def ended(
+        self, trial: str, status: str, early_stopped: bool = False, epochs: int | None = None
+    ) -> None:
+        """`epochs`: how many the trial's run logged, when known (it can exceed its last result)."""
+        row = self.trials.setdefault(
+            trial, {"params": {}, "status": status, "epoch": 0, "best": None}
+        )
+        row["status"] = "STOPPED" if early_stopped else status
+        row["epoch"] = epochs if epochs is not None else row["epoch"]
+        self._show(trial, force=True)
+
+    def row_text(self, trial: str) -> str:
+        row = self.trials[trial]
+        best = f"{row['best']:.4f}" if row["best"] is not None else "-"
+        params = " ".join(f"{k}={_fmt_value(v)}" for k, v in row["params"].items())
+        status = row["status"]
+        if status == "STOPPED":
+            status = f"STOPPED (early, epoch {row['epoch']})"
+        return f"{trial:<12} {status:<24} epoch {row['epoch']:>3}  best {self.metric} {best:<7} {params}"
+
+    def _show(self, trial: str, force: bool) -> None:
+        if self.live:
+            self._draw(force)
+        else:
+            self.stream.write(f"trial {self.row_text(trial)}\n")
+            self.stream.flush()
+
+    def _draw(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last_draw < 1.0:
+            return
+        self.last_draw = now
+        done = sum(r["status"] != "RUNNING" for r in self.trials.values())
+        values = [r["best"] for r in self.trials.values() if r["best"] is not None]
+        best = (max if self.mode == "max" else min)(values) if values else None
+        header = f"trials: {len(self.trials)} started, {done} ended; best {self.metric} " + (
+            f"{best:.4f}" if best is not None else "-"
+        )
+        lines = [header, *(self.row_text(t) for t in self.trials)]
+        # Move up over the previous table and clear below it, then redraw.
+        up = f"\033[{self.drawn_lines}F\033[J" if self.drawn_lines else ""
+        self.stream.write(up + "\n".join(lines) + "\n")
+        self.stream.flush()
+        self.drawn_lines = len(lines)

@@ -382,7 +382,11 @@ def _run(
                 name=sweep_name,
                 storage_path=base["cluster"]["storage_path"],
                 verbose=0,
-                callbacks=[_child_closer(trk["uri"], parent_id, base["trainer"]["max_epochs"])],
+                callbacks=[
+                    _child_closer(
+                        trk["uri"], parent_id, base["trainer"]["max_epochs"], metric, mode
+                    ),
+                ],
             ),
         )
     started = time.monotonic()
@@ -459,16 +463,30 @@ def _close_child(
     return child, logged, epochs, early
 
 
-def _child_closer(uri: str, parent_id: str, max_epochs: int):
+def _child_closer(uri: str, parent_id: str, max_epochs: int, metric: str, mode: str):
     """A Tune callback (it runs on the driver) closing each child run as its trial ends, so
-    stopped trials don't read RUNNING for the rest of the sweep. Holds only plain values:
-    Tune pickles it with the experiment for `sweep.resume`."""
+    stopped trials don't read RUNNING for the rest of the sweep, and feeding the live trial
+    table from the same facts. Holds only plain values: Tune pickles it with the experiment
+    for `sweep.resume`, so the table is made on first use."""
     from ray import tune
 
+    from orchestrator.progress import SweepDisplay
+
     class CloseChildRuns(tune.Callback):
+        table: SweepDisplay | None = None
+
+        def __getstate__(self):
+            return {}
+
+        def _table(self) -> SweepDisplay:
+            if self.table is None:
+                self.table = SweepDisplay(metric, mode)
+            return self.table
+
         def _close(self, trial, failed: bool) -> None:
+            early, epochs = False, None
             try:
-                _close_child(
+                _, _, epochs, early = _close_child(
                     tracking.client(uri),
                     parent_id,
                     trial.trial_id,
@@ -480,6 +498,13 @@ def _child_closer(uri: str, parent_id: str, max_epochs: int):
                 print(
                     f"warning: could not close the run of trial {trial.trial_id}: {exc}", flush=True
                 )
+            self._table().ended(trial.trial_id, "FAILED" if failed else "FINISHED", early, epochs)
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._table().started(trial.trial_id, dict(trial.config))
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            self._table().result(trial.trial_id, int(result.get("epoch", 0)), result.get(metric))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             self._close(trial, failed=False)

@@ -55,6 +55,16 @@ def client(uri: str):
     return MlflowClient(tracking_uri=uri)
 
 
+def describe(tags: dict[str, str]) -> str:
+    """The run's description in the MLflow UI: how to reproduce it."""
+    lines = []
+    if command := tags.get("orchestrator.command"):
+        lines.append(f"Reproduce with:\n\n    {command}")
+    if commit := tags.get("mlflow.source.git.commit"):
+        lines.append(f"at git commit {commit}")
+    return "\n\n".join(lines)
+
+
 def create_run(
     uri: str,
     experiment: str,
@@ -75,7 +85,7 @@ def create_run(
     for i in range(0, len(items), PARAM_BATCH):
         c.log_batch(run_id, params=items[i : i + PARAM_BATCH])
     c.log_text(run_id, config_yaml, "config.yaml")
-    c.log_batch(run_id, tags=[RunTag("mlflow.note.content", tags.get("orchestrator.command", ""))])
+    c.log_batch(run_id, tags=[RunTag("mlflow.note.content", describe(tags))])
     return run_id
 
 

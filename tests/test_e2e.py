@@ -90,6 +90,11 @@ def test_readme_demo_cnn_digits_embedded(tmp_path, ray_head):
     assert run.data.params["job.name"] == "cnn_digits"
     assert run.data.tags["job"] == "cnn_digits"
     assert "trainer.num_workers=2" in run.data.tags["orchestrator.overrides"]
+    # The description says how to reproduce the run: the exact command and the commit.
+    description = run.data.tags["mlflow.note.content"]
+    assert "orchestrate job=cnn_digits trainer.num_workers=2" in description
+    assert run.data.tags["mlflow.source.git.commit"] in description
+    assert run.info.run_name.startswith("cnn_digits")  # readable, not random words
     assert "config.yaml" in [a.path for a in client.list_artifacts(run_id)]
     assert [a.path for a in client.list_artifacts(run_id, "confusion_matrix")] == [
         "confusion_matrix/epoch_030.png"

@@ -66,6 +66,10 @@ def test_asha_sweep_of_16_trials_completes_and_promotes_the_best(tmp_path, ray_h
     assert champion.run_id == best.info.run_id
     assert "trials.csv" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert parent.data.params["space.optim.lr"] == "loguniform(0.0001, 0.1)"
+    # The live trial table, as plain lines when not on a terminal: a start and an end per trial.
+    table = [line for line in out.stdout.splitlines() if line.startswith("trial ")]
+    assert len(table) == 32
+    assert sum("STOPPED (early" in line for line in table) == len(stopped)
     assert not train_workers()  # nothing left behind
 
 
