@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-fast lint format bench clean
+.PHONY: install browser demo test test-fast lint format bench clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on CPU machines pip's find-links supplies the
 # CPU build; on GPU machines the same pin resolves to the ordinary CUDA build.
@@ -17,10 +17,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Debian's Chromium + ChromeDriver for the MLflow UI test (tests/test_mlflow_ui.py).
+browser:
+	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver >/dev/null; }
+
 demo: $(STAMP)  ## train cnn_digits on 2 DDP workers (embedded Ray, ./mlflow.db)
 	$(BIN)/orchestrate job=cnn_digits trainer.num_workers=2
 
-test: $(STAMP)  ## the whole suite, as CI runs it
+test: $(STAMP) browser  ## the whole suite, as CI runs it
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)  ## everything except the end-to-end Ray runs
@@ -39,4 +46,4 @@ format: $(STAMP)
 	$(BIN)/ruff format orchestrator jobs tests
 
 clean:
-	rm -rf $(VENV) outputs mlflow.db .pytest_cache .ruff_cache .mypy_cache
+	rm -rf $(VENV) outputs mlflow.db .pytest_cache .ruff_cache .mypy_cache test-artifacts

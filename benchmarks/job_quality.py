@@ -87,7 +87,7 @@ def orchestrate(args: list[str], workdir: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=workdir, capture_output=True, text=True)
 
 
-def run_job(job: str) -> dict:
+def run_job(job: str, out_dir: str) -> dict:
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as workdir:
@@ -99,11 +99,12 @@ def run_job(job: str) -> dict:
             out = orchestrate([f"job={job}", *extra], workdir)
         wall = time.monotonic() - t0
         if out.returncode != 0:
-            return {
-                "job": job,
-                "error": (out.stderr or out.stdout).strip().splitlines()[-1],
-                "wall_s": round(wall),
-            }
+            log = Path(out_dir) / "logs" / f"{job}.log"  # the whole output, to see why
+            log.parent.mkdir(parents=True, exist_ok=True)
+            log.write_text(out.stdout + "\n--- stderr ---\n" + out.stderr)
+            lines = (out.stderr or out.stdout).strip().splitlines()
+            reason = next((x for x in lines if x.startswith("error:")), lines[-1] if lines else "")
+            return {"job": job, "error": f"{reason} (full output: {log})", "wall_s": round(wall)}
         client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
         experiment = client.get_experiment_by_name("orchestrator").experiment_id
         (run,) = client.search_runs([experiment], f"tags.job = '{job}'")
@@ -137,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     for job in args.jobs.split(","):
-        rows.append(run_job(job))
+        rows.append(run_job(job, args.out))
         print({k: v for k, v in rows[-1].items() if k != "metrics"}, flush=True)
     compare_generators(rows)
     lines = [
