@@ -250,3 +250,21 @@ def test_cfg_job_prints_the_config_and_starts_nothing(tmp_path, ray_tmp):
     assert not (tmp_path / "mlflow.db").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     assert list(ray_tmp.glob("ray/session_*")) == [] and out.new_ray_daemons == []
+
+
+def test_help_lists_the_common_tasks_in_order_and_every_job(tmp_path):
+    out = subprocess.run([ORCHESTRATE, "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    tasks = [
+        "run a job",
+        "override values",
+        "use a cluster",
+        "sweep",
+        "review in MLflow",
+        "predict",
+    ]
+    positions = [out.stdout.index(task) for task in tasks]
+    assert positions == sorted(positions)
+    jobs = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "job").glob("*.yaml"))
+    assert f"job: {', '.join(jobs)}" in out.stdout
+    assert not list(tmp_path.iterdir())  # printing help writes nothing (no outputs/, no store)
