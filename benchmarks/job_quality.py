@@ -87,16 +87,16 @@ def orchestrate(args: list[str], workdir: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=workdir, capture_output=True, text=True)
 
 
-def run_job(job: str, out_dir: str) -> dict:
+def run_job(job: str, out_dir: str, overrides: list[str]) -> dict:
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as workdir:
         t0 = time.monotonic()
         pretrain, extra = PRETRAIN.get(job, ([], []))
-        out = orchestrate(pretrain, workdir) if pretrain else None
+        out = orchestrate([*pretrain, *overrides], workdir) if pretrain else None
         if out is None or out.returncode == 0:
             t0 = time.monotonic()  # the job's own wall time, without its pretraining
-            out = orchestrate([f"job={job}", *extra], workdir)
+            out = orchestrate([f"job={job}", *extra, *overrides], workdir)
         wall = time.monotonic() - t0
         if out.returncode != 0:
             log = Path(out_dir) / "logs" / f"{job}.log"  # the whole output, to see why
@@ -135,10 +135,16 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", default=",".join(BARS))
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        help="added to every job's command, e.g. trainer.max_epochs=1 (smoke runs only)",
+    )
     args = parser.parse_args()
     rows = []
     for job in args.jobs.split(","):
-        rows.append(run_job(job, args.out))
+        rows.append(run_job(job, args.out, args.override))
         print({k: v for k, v in rows[-1].items() if k != "metrics"}, flush=True)
     compare_generators(rows)
     lines = [

@@ -22,9 +22,12 @@ import time
 from pathlib import Path
 
 SPACE = ["optim.lr=1e-4,1e-3,3e-3,1e-2", "optim.weight_decay=0,1e-3", "trainer.batch_size=32,64"]
+# --tiny: a 2-point space, 2 ASHA samples, 2 batches an epoch (the test that keeps this script
+# from rotting); its figures mean nothing.
+TINY_SPACE = ["optim.lr=1e-3,1e-2", "trainer.limit_batches=2"]
 
 
-def run_sweep(workdir: Path, extra: list[str], epochs: int, samples: int) -> dict:
+def run_sweep(workdir: Path, extra: list[str], epochs: int, samples: int, space: list[str]) -> dict:
     orchestrate = str(Path(sys.executable).parent / "orchestrate")
     args = [
         orchestrate,
@@ -32,7 +35,7 @@ def run_sweep(workdir: Path, extra: list[str], epochs: int, samples: int) -> dic
         "job=cnn_digits",
         "trainer.num_workers=1",
         f"trainer.max_epochs={epochs}",
-        *SPACE,
+        *space,
         f"sweep.num_samples={samples}",
         "tracking.log_model=false",
         *extra,
@@ -69,18 +72,20 @@ def main() -> None:
     parser.add_argument(
         "--sweeps", default="grid,asha", help="which to run; the others are read from --out"
     )
+    parser.add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     args = parser.parse_args()
     out = Path(args.out)
     previous = out / "sweep_efficiency.json"
     results = json.loads(previous.read_text()) if previous.exists() else {}
     settings = {
         "grid": (["sweep.search=grid"], 1),
-        "asha": (["sweep.scheduler=asha", "sweep.reduction_factor=2"], 16),
+        "asha": (["sweep.scheduler=asha", "sweep.reduction_factor=2"], 2 if args.tiny else 16),
     }
+    space = TINY_SPACE if args.tiny else SPACE
     for name in args.sweeps.split(","):
         with tempfile.TemporaryDirectory() as workdir:
             results[name] = run_sweep(
-                Path(workdir), settings[name][0], args.epochs, settings[name][1]
+                Path(workdir), settings[name][0], args.epochs, settings[name][1], space
             )
     g, a = results["grid"], results["asha"]
     results["asha_minus_grid_points"] = round(100 * (a["best_val_acc"] - g["best_val_acc"]), 2)

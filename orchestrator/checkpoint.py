@@ -54,7 +54,37 @@ def load(directory: str | os.PathLike) -> dict[str, Any]:
     state_path, meta_path = directory / STATE_FILE, directory / META_FILE
     if not state_path.exists() or not meta_path.exists():
         raise CorruptCheckpoint(f"{directory}: missing {STATE_FILE} or {META_FILE}")
-    expected = json.loads(meta_path.read_text())["sha256"]
+    try:
+        expected = json.loads(meta_path.read_text())["sha256"]
+    except (ValueError, KeyError):
+        raise CorruptCheckpoint(f"{meta_path}: unreadable") from None
     if _sha256(state_path) != expected:
         raise CorruptCheckpoint(f"{state_path}: checksum mismatch (truncated or corrupted)")
     return torch.load(state_path, map_location="cpu", weights_only=True)
+
+
+def _epoch_of(directory: Path) -> int:
+    try:
+        return int(json.loads((directory / META_FILE).read_text()).get("epoch") or -1)
+    except (ValueError, OSError):
+        return -1
+
+
+def load_newest_intact(directory: str | os.PathLike) -> tuple[dict[str, Any], Path, list[str]]:
+    """Load `directory`, or, when it is corrupt, the newest intact checkpoint beside it (Ray
+    keeps the last `num_to_keep` side by side on shared storage). Returns the state, where it
+    came from and what was wrong with those skipped; raises CorruptCheckpoint if none is intact.
+    """
+    directory = Path(directory)
+    problems: list[str] = []
+    candidates = [directory] + sorted(
+        (d for d in directory.parent.iterdir() if d != directory and (d / META_FILE).exists()),
+        key=_epoch_of,
+        reverse=True,
+    )
+    for candidate in candidates:
+        try:
+            return load(candidate), candidate, problems
+        except CorruptCheckpoint as exc:
+            problems.append(str(exc))
+    raise CorruptCheckpoint("no intact checkpoint: " + "; ".join(problems))

@@ -71,6 +71,7 @@ class RayContext:
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
         self.queue = progress_queue
+        self.checkpoint_note: str | None = None  # set when the latest checkpoint was unusable
 
     def latest_checkpoint(self):
         import ray.train
@@ -79,7 +80,10 @@ class RayContext:
         if ckpt is None:
             return None
         with ckpt.as_directory() as path:
-            return checkpoint.load(path)
+            state, used, problems = checkpoint.load_newest_intact(path)
+        if problems:  # said once, by rank 0, in the driver's output and the resumed event
+            self.checkpoint_note = f"skipped {'; '.join(problems)}; resumed from {used.name}"
+        return state
 
     def report(self, metrics, state):
         import ray.train

@@ -187,7 +187,8 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         if ema is not None:
             ema.load_state_dict(state["ema"])
         start_epoch, global_step = state["epoch"], state["global_step"]
-        ctx.progress({"type": "resumed", "epoch": start_epoch, "step": global_step})
+        note = getattr(ctx, "checkpoint_note", None)  # a corrupt latest checkpoint was skipped
+        ctx.progress({"type": "resumed", "epoch": start_epoch, "step": global_step, "note": note})
 
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
     metrics_out: MetricLogger | NullMetricLogger = (

@@ -57,7 +57,7 @@ class ProgressDisplay:
         elif kind == "resumed":
             self._line(
                 f"resumed from the checkpoint of epoch {event['epoch']} (step {event['step']}) "
-                "after a worker failure"
+                "after a worker failure" + (f" ({event['note']})" if event.get("note") else "")
             )
         elif kind == "outcome":
             self.outcome = event

@@ -156,3 +156,24 @@ def test_ema_decay_out_of_range_is_a_clear_error():
 
     with pytest.raises(UserError, match="trainer.ema_decay"):
         compose_config(["trainer.ema_decay=1.0"])
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path):
+    """Ray keeps the last checkpoints side by side; a truncated newest one is skipped, loudly."""
+    from orchestrator.checkpoint import load_newest_intact
+
+    for epoch in (1, 2, 3):
+        save({"w": torch.full((100,), float(epoch)), "epoch": epoch}, tmp_path / f"ckpt_{epoch}")
+    (tmp_path / "ckpt_3" / "state.pt").write_bytes(b"truncated")
+    (tmp_path / "ckpt_2" / "meta.json").write_text('{"sha256": "0", "epoch": 2}')
+    state, used, problems = load_newest_intact(tmp_path / "ckpt_3")
+    assert used.name == "ckpt_1" and state["epoch"] == 1  # newest first: 3, 2, then 1
+    assert len(problems) == 2 and all("checksum" in p for p in problems)
+    (tmp_path / "ckpt_2" / "meta.json").write_text("{not json")
+    with pytest.raises(CorruptCheckpoint, match="unreadable"):
+        load(tmp_path / "ckpt_2")
+    intact, where, none = load_newest_intact(tmp_path / "ckpt_1")
+    assert where.name == "ckpt_1" and none == []
+    (tmp_path / "ckpt_1" / "state.pt").unlink()
+    with pytest.raises(CorruptCheckpoint, match="no intact checkpoint"):
+        load_newest_intact(tmp_path / "ckpt_3")

@@ -1,0 +1,40 @@
+"""The benchmark scripts still run end to end (tiny settings: their figures mean nothing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+pytestmark = pytest.mark.slow
+
+
+def bench(script: str, *args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(BENCHMARKS / script), *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=900)
+
+
+def test_job_quality_trains_and_writes_its_table(tmp_path):
+    tiny = ["trainer.max_epochs=1", "trainer.limit_batches=2", "trainer.num_workers=1"]
+    out = bench(
+        "job_quality.py", "--jobs", "mlp_tabular", "--out", str(tmp_path),
+        *(f"--override={o}" for o in tiny),
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    (row,) = json.loads((tmp_path / "job_quality.json").read_text())
+    assert row["job"] == "mlp_tabular" and 0 <= row["value"] <= 1 and "met" in row
+    assert "baseline/logreg_acc" in row["metrics"]
+    assert "| mlp_tabular | val/acc |" in (tmp_path / "job_quality.md").read_text()
+
+
+def test_sweep_efficiency_runs_both_sweeps_and_writes_its_table(tmp_path):
+    out = bench("sweep_efficiency.py", "--tiny", "--epochs", "2", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "sweep_efficiency.json").read_text())
+    assert results["grid"]["trials"] == 2 and results["asha"]["trials"] == 2
+    assert results["grid"]["trial_epochs"] == 4  # the grid runs every trial to the end
+    assert "| asha | 2 |" in (tmp_path / "sweep_efficiency.md").read_text()
