@@ -62,7 +62,7 @@ class LocalContext:
 class RayContext:
     """Inside a Ray Train V2 worker. Every rank must call `report` the same number of times."""
 
-    def __init__(self, progress_queue=None):
+    def __init__(self, progress_queue=None) -> None:
         import ray.train
         import ray.train.torch
 
