@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
+from orchestrator import ngram
 from orchestrator.config import JobConfig
 from orchestrator.job import EpochEnd, JobSpec, Splits
 
@@ -98,49 +99,12 @@ def eval_step(model: nn.Module, batch) -> dict[str, torch.Tensor]:
     return {"loss": ce, "bpc": ce / math.log(2)}
 
 
-def kneser_ney_counts(text: str, fit: int, n: int) -> dict:
-    """Counts of text[:fit] for every order ≤ n: ("raw", k) token counts (a model's top order)
-    and ("cont", k) continuation counts (distinct left extensions, its lower orders), each with
-    per-history totals and numbers of distinct next characters."""
-
-    def summarise(table: Counter) -> tuple[Counter, Counter, Counter]:
-        totals, kinds = Counter(), Counter()
-        for gram, count in table.items():
-            totals[gram[:-1]] += count
-            kinds[gram[:-1]] += 1
-        return table, totals, kinds
-
-    raw = {k: Counter(text[i : i + k] for i in range(fit - k + 1)) for k in range(1, n + 1)}
-    counts = {("raw", k): summarise(raw[k]) for k in raw}
-    return counts | {
-        ("cont", k): summarise(Counter(g[1:] for g in raw[k + 1])) for k in range(1, n)
-    }
-
-
-def kneser_ney_bits(text: str, fit: int, score: range, n: int, d: float, vocab: int, counts=None):
-    """Mean bits per character of text[score], interpolated Kneser-Ney of order n fit on
-    text[:fit] (`counts`: kneser_ney_counts(text, fit, ≥ n), to reuse across calls)."""
-    counts = counts or kneser_ney_counts(text, fit, n)
-    levels = [counts["cont", k] for k in range(1, n)] + [counts["raw", n]]
-    bits = 0.0
-    for i in score:
-        p = 1.0 / vocab
-        for k, (table, totals, kinds) in enumerate(levels, start=1):
-            h = text[i - k + 1 : i]
-            if total := totals.get(h, 0):
-                p = (max(table.get(h + text[i], 0) - d, 0) + d * kinds[h] * p) / total
-        bits -= math.log2(p)
-    return bits / len(score)
-
-
 def references(cfg: TransformerLmConfig, splits: Splits) -> dict[str, float]:
+    """The best interpolated Kneser-Ney character n-gram (order ≤ 5, discount tuned on the
+    training part's tail), scored on the held-out blocks' target characters."""
     text, cut, vocab = splits.info["text"], splits.info["cut"], len(splits.info["chars"])
-    tune = int(cut * 0.95)  # order and discount are picked on the training part's tail
-    counts = kneser_ney_counts(text, tune, 5)
-    grid = [(n, d) for n in range(1, 6) for d in (0.6, 0.75, 0.9)]
-    n, d = min(grid, key=lambda g: kneser_ney_bits(text, tune, range(tune, cut), *g, vocab, counts))
-    held_out = range(cut + 1, cut + 1 + splits.info["val_chars"])  # the blocks' targets
-    bpc = kneser_ney_bits(text, cut, held_out, n, d, vocab, kneser_ney_counts(text, cut, n))
+    held_out = range(cut + 1, cut + 1 + splits.info["val_chars"])
+    bpc, n, d = ngram.tuned_kneser_ney_bits(text, cut, held_out, vocab, max_order=5)
     return {"ngram_bpc": bpc, "ngram_order": float(n), "ngram_discount": d}
 
 

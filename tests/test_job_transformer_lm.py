@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from jobs import transformer_lm as lm
+from orchestrator import ngram
 from orchestrator.cli import compose_config
 from orchestrator.context import LocalContext
 from orchestrator.job import EpochEnd, job_config
@@ -68,12 +69,21 @@ def test_kneser_ney_is_a_normalised_distribution():
     for n in (1, 3, 5):
         total = sum(
             2
-            ** -lm.kneser_ney_bits(
+            ** -ngram.kneser_ney_bits(
                 base + c, len(base), range(len(base), len(base) + 1), n, 0.8, vocab
             )
             for c in "abrcdge "
         )
         assert total == pytest.approx(1.0)
+
+
+def test_kneser_ney_beats_a_unigram_and_more_context_helps_on_real_text():
+    splits = lm.build_data(config())  # 20 000 characters of Python
+    text, cut, vocab = splits.info["text"], 16_000, len(splits.info["chars"])
+    counts = ngram.kneser_ney_counts(text, cut, 5)
+    score = range(cut, len(text))
+    bits = [ngram.kneser_ney_bits(text, cut, score, n, 0.75, vocab, counts) for n in (1, 3, 5)]
+    assert bits[0] > bits[1] > bits[2] and bits[0] < math.log2(vocab)
 
 
 def test_reference_ngram_is_tuned_and_scored_on_the_held_out_characters():
@@ -84,7 +94,7 @@ def test_reference_ngram_is_tuned_and_scored_on_the_held_out_characters():
     info = splits.info
     held_out = range(info["cut"] + 1, info["cut"] + 1 + info["val_chars"])
     order, d = int(ref["ngram_order"]), ref["ngram_discount"]
-    bits = lm.kneser_ney_bits(info["text"], info["cut"], held_out, order, d, len(info["chars"]))
+    bits = ngram.kneser_ney_bits(info["text"], info["cut"], held_out, order, d, len(info["chars"]))
     assert ref["ngram_bpc"] == pytest.approx(bits)
 
 
