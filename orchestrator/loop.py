@@ -146,7 +146,7 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
     seed = cfg["seed"]
     torch.set_num_threads(tcfg["threads_per_worker"] or max(1, int(tcfg["cpus_per_worker"])))
     # A job may load `models:/name@alias` (fine-tuning): resolve it against this job's store.
-    os.environ["MLFLOW_TRACKING_URI"] = cfg["tracking"]["uri"]
+    os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = cfg["tracking"]["uri"]
     job = load_job(cfg["job"]["name"])
     jcfg = job_config(job, cfg["job"])
     device = ctx.device

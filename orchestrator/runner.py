@@ -172,7 +172,7 @@ def log_final_model(cfg, job, run_id: str, checkpoint_dir: str) -> None:
 
     trk = cfg["tracking"]
     # As on the workers: a job may load `models:/name@alias` (fine-tuning) from this job's store.
-    os.environ["MLFLOW_TRACKING_URI"] = trk["uri"]
+    os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = trk["uri"]
     state = checkpoint.load(checkpoint_dir)
     jcfg = job_config(job, cfg["job"])
     torch.manual_seed(cfg["seed"])

@@ -163,6 +163,8 @@ def log_model_and_finish(
     from mlflow.models import infer_signature
 
     mlflow.set_tracking_uri(uri)
+    # The model is registered beside its run, whatever MLFLOW_REGISTRY_URI the shell has.
+    mlflow.set_registry_uri(uri)
     model = model.cpu().eval()
     with torch.no_grad():
         output = model(input_example)

@@ -60,6 +60,16 @@ def train_workers() -> list[psutil.Process]:
     return found
 
 
+@pytest.fixture(autouse=True)
+def no_mlflow_uri_leaks(monkeypatch):
+    """mlflow.set_tracking_uri/set_registry_uri also set MLFLOW_*_URI in os.environ, which every
+    later `orchestrate` subprocess would inherit (a model registered into another test's store
+    was seen in CI). Each test starts without them, and they are removed again after it."""
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(var, "")  # recorded as absent before, so removed at teardown
+        monkeypatch.delenv(var)
+
+
 @pytest.fixture(scope="session")
 def ray_head():
     """A real Ray head on loopback for the whole session; yields its address."""

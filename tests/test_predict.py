@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.conftest import BIN, run_cli, runs_of, tracking_uri
 
@@ -25,6 +27,8 @@ def store(tmp_path_factory, ray_head):
     from sklearn.datasets import load_digits
 
     where = tmp_path_factory.mktemp("predict")
+    # A registry URI in the shell must not divert the model away from its run's store.
+    decoy = f"sqlite:///{where / 'decoy.db'}"
     out = run_cli(
         [
             "job=cnn_digits",
@@ -34,8 +38,10 @@ def store(tmp_path_factory, ray_head):
             f"cluster.address={ray_head}",
         ],
         where,
+        env={**os.environ, "MLFLOW_REGISTRY_URI": decoy},
     )
     assert out.returncode == 0, out.stdout + out.stderr
+    assert MlflowClient(decoy).search_registered_models() == []
     digits = load_digits()
     table = pd.DataFrame(digits.data / 16.0, columns=[f"p{i}" for i in range(64)])
     table["label"] = digits.target
