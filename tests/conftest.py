@@ -68,6 +68,14 @@ def no_mlflow_uri_leaks(monkeypatch):
     for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
         monkeypatch.setenv(var, "")  # recorded as absent before, so removed at teardown
         monkeypatch.delenv(var)
+    yield
+    # ... and the same URIs kept in MLflow's module globals, which `MlflowClient(tracking_uri)`
+    # would otherwise use as its registry in every later test of this process.
+    import mlflow.tracking._model_registry.utils as registry_utils
+    import mlflow.tracking._tracking_service.utils as tracking_utils
+
+    registry_utils._registry_uri = None
+    tracking_utils._tracking_uri = None
 
 
 @pytest.fixture(scope="session")

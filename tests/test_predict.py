@@ -41,7 +41,7 @@ def store(tmp_path_factory, ray_head):
         env={**os.environ, "MLFLOW_REGISTRY_URI": decoy},
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    assert MlflowClient(decoy).search_registered_models() == []
+    assert MlflowClient(decoy, registry_uri=decoy).search_registered_models() == []
     digits = load_digits()
     table = pd.DataFrame(digits.data / 16.0, columns=[f"p{i}" for i in range(64)])
     table["label"] = digits.target
