@@ -52,7 +52,7 @@ def git_commit(repo_dir: Path) -> str | None:
 def client(uri: str):
     from mlflow.tracking import MlflowClient
 
-    return MlflowClient(tracking_uri=uri)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)  # models live beside their runs
 
 
 def describe(tags: dict[str, str]) -> str:
