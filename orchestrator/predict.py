@@ -160,7 +160,7 @@ def read_input(args: argparse.Namespace, model: ModelRef, tracking_uri: str):
 
 def conform(rows: np.ndarray, model: ModelRef, what: str) -> np.ndarray:
     """Rows in the signature's shape and dtype, or a UserError naming both shapes."""
-    want = [d for d in model.input_shape[1:]]
+    want = list(model.input_shape[1:])
     per_row = int(np.prod(want)) if want else 1
     if rows.ndim < 1 or len(rows) == 0 or int(np.prod(rows.shape[1:])) != per_row:
         raise UserError(

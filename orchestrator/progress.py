@@ -109,14 +109,18 @@ class SweepDisplay:
     def _better(self, a: float, b: float | None) -> bool:
         return b is None or (a > b if self.mode == "max" else a < b)
 
+    def _row(self, trial: str) -> dict[str, Any]:
+        """The trial's row; a trial first seen mid-sweep (e.g. after a resume) gets one too."""
+        return self.trials.setdefault(
+            trial, {"params": {}, "status": "RUNNING", "epoch": 0, "best": None}
+        )
+
     def started(self, trial: str, params: dict[str, Any]) -> None:
         self.trials[trial] = {"params": params, "status": "RUNNING", "epoch": 0, "best": None}
         self._show(trial, force=True)
 
     def result(self, trial: str, epoch: int, value: float | None) -> None:
-        row = self.trials.setdefault(
-            trial, {"params": {}, "status": "RUNNING", "epoch": 0, "best": None}
-        )
+        row = self._row(trial)
         row["epoch"] = max(row["epoch"], epoch)
         if value is not None and self._better(value, row["best"]):
             row["best"] = value
@@ -127,9 +131,7 @@ class SweepDisplay:
         self, trial: str, status: str, early_stopped: bool = False, epochs: int | None = None
     ) -> None:
         """`epochs`: how many the trial's run logged, when known (it can exceed its last result)."""
-        row = self.trials.setdefault(
-            trial, {"params": {}, "status": status, "epoch": 0, "best": None}
-        )
+        row = self._row(trial)
         row["status"] = "STOPPED" if early_stopped else status
         row["epoch"] = epochs if epochs is not None else row["epoch"]
         self._show(trial, force=True)
