@@ -24,6 +24,8 @@ SEARCHES = ("random", "grid", "optuna")
 SCHEDULERS = ("fifo", "asha")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("fp32", "bf16")
+# Ray's placement-group strategies for the worker group (ScalingConfig.placement_strategy).
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 
 
 @dataclass
@@ -55,6 +57,9 @@ class TrainerConfig:
     # Torch intra-op threads per worker; 0 = cpus_per_worker. Oversubscribed threads are
     # the classic way to make CPU DDP slower than one process.
     threads_per_worker: int = 0
+    # How Ray places the workers: PACK (Ray's default) fills a node first; SPREAD puts them on
+    # different nodes when it can; STRICT_SPREAD insists (one worker per node, or no start).
+    placement_strategy: str = "PACK"
 
 
 @dataclass
@@ -222,6 +227,12 @@ def validate(cfg: dict[str, Any]) -> None:
         "trainer.precision",
         f"unknown precision '{t['precision']}'",
         f"choose one of: {', '.join(PRECISIONS)}",
+    )
+    _require(
+        t["placement_strategy"] in PLACEMENT_STRATEGIES,
+        "trainer.placement_strategy",
+        f"unknown placement strategy '{t['placement_strategy']}'",
+        f"choose one of: {', '.join(PLACEMENT_STRATEGIES)}",
     )
     _require(
         o["name"] in OPTIMIZERS,

@@ -104,6 +104,30 @@ class RayContext:
             pass
 
 
+def record_nodes(ctx: RayContext, tracking_uri: str, run_id: str | None) -> None:
+    """Tag the run with the node each rank runs on (`workers.nodes`, `workers.num_nodes`), so a
+    reviewer sees how the job was spread over the cluster. Every rank must call this: the node
+    names are gathered with one collective; rank 0 writes the tags (again after a restart,
+    when the placement may have changed)."""
+    import ray
+    import torch.distributed as dist
+
+    here = ray.get_runtime_context()
+    mine = f"{ray.util.get_node_ip_address()} (node {here.get_node_id()[:8]})"
+    nodes: list[Any] = [mine]
+    if dist.is_available() and dist.is_initialized():
+        nodes = [None] * ctx.world_size
+        dist.all_gather_object(nodes, mine)
+    if ctx.rank != 0 or not run_id:
+        return
+    from orchestrator import tracking
+
+    tracking.client(tracking_uri).set_tag(
+        run_id, "workers.nodes", ", ".join(f"rank {r}: {n}" for r, n in enumerate(nodes))
+    )
+    tracking.client(tracking_uri).set_tag(run_id, "workers.num_nodes", str(len(set(nodes))))
+
+
 @contextmanager
 def _checkpoint_dir(state):
     if state is None:

@@ -28,6 +28,7 @@ _POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 class ClusterResources:
     cpus: float
     gpus: float
+    nodes: int = 1
 
 
 def embedded_resources(cluster: dict[str, Any]) -> ClusterResources:
@@ -144,7 +145,8 @@ def current_resources() -> ClusterResources:
     import ray
 
     total = ray.cluster_resources()
-    return ClusterResources(total.get("CPU", 0.0), total.get("GPU", 0.0))
+    nodes = sum(1 for n in ray.nodes() if n["Alive"])
+    return ClusterResources(total.get("CPU", 0.0), total.get("GPU", 0.0), nodes)
 
 
 def check_placeable(trainer: dict[str, Any], use_gpu: bool, res: ClusterResources) -> None:
@@ -163,6 +165,57 @@ def check_placeable(trainer: dict[str, Any], use_gpu: bool, res: ClusterResource
             f"{trainer['num_workers']} GPU workers but the cluster has {res.gpus:g} GPUs",
             "set trainer.use_gpu=false or lower trainer.num_workers",
         )
+    if trainer["placement_strategy"] == "STRICT_SPREAD" and trainer["num_workers"] > res.nodes:
+        raise UserError(
+            "trainer.placement_strategy",
+            f"STRICT_SPREAD puts each of the {trainer['num_workers']} workers on its own node "
+            f"but the cluster has {res.nodes} node{'s' if res.nodes != 1 else ''}",
+            "use trainer.placement_strategy=SPREAD or more nodes",
+        )
+
+
+def check_storage_shared(storage_path: str, timeout_s: float = 120.0) -> None:
+    """On a multi-node cluster, prove that every other node sees `storage_path` (Ray Train 2.7+
+    writes checkpoints from each worker's node straight to it, and restarts read them back on
+    any node). The driver writes a marker with a random token; a 0-CPU task pinned to each
+    other node reads it back. A node-local path fails here, in seconds, instead of at the
+    first checkpoint. Object-store URIs (s3://, gs://, ...) are shared by construction.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from orchestrator import storage
+
+    if storage.is_remote_uri(storage_path):
+        return
+    here = ray.get_runtime_context().get_node_id()
+    others = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    if not others:
+        return
+    marker, token = storage.write_marker(storage_path)
+    probe = ray.remote(num_cpus=0, max_retries=0)(storage.sees_marker)
+    try:
+        refs = {
+            n["NodeManagerAddress"]: probe.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+            ).remote(str(marker), token)
+            for n in others
+        }
+        try:
+            seen = dict(zip(refs, ray.get(list(refs.values()), timeout=timeout_s), strict=True))
+        except ray.exceptions.GetTimeoutError:
+            # A node too busy to run a tiny task is no proof either way: go on, say so.
+            print(
+                f"warning: could not verify within {timeout_s:.0f}s that every node can reach "
+                f"cluster.storage_path={storage_path}",
+                flush=True,
+            )
+            return
+    finally:
+        marker.unlink(missing_ok=True)
+    blind = sorted(address for address, ok in seen.items() if not ok)
+    if blind:
+        raise storage.not_shared_error(storage_path, blind, len(others))
 
 
 def make_progress_queue():
@@ -200,6 +253,7 @@ def fit(
             num_workers=t["num_workers"],
             use_gpu=use_gpu,
             resources_per_worker={"CPU": t["cpus_per_worker"], **({"GPU": 1} if use_gpu else {})},
+            placement_strategy=t["placement_strategy"],
         ),
         run_config=RunConfig(
             name=name,

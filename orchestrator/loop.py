@@ -330,9 +330,11 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
 
 def ray_train_fn(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
-    from orchestrator.context import RayContext
+    from orchestrator.context import RayContext, record_nodes
 
-    run(config["cfg"], RayContext(config.get("progress")), config.get("run_id"))
+    ctx = RayContext(config.get("progress"))
+    record_nodes(ctx, config["cfg"]["tracking"]["uri"], config.get("run_id"))
+    run(config["cfg"], ctx, config.get("run_id"))
 
 
 if __name__ == "__main__":  # single-process debugging without Ray or tracking

@@ -69,6 +69,7 @@ def run_job(cfg: dict[str, Any], argv: list[str], overrides: list[str], started_
     try:
         use_gpu = tcfg["use_gpu"] if tcfg["use_gpu"] is not None else resources.gpus > 0
         launch.check_placeable(tcfg, use_gpu, resources)
+        launch.check_storage_shared(ccfg["storage_path"])  # multi-node: before any MLflow run
         return _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu)
     finally:
         launch.shutdown()

@@ -260,6 +260,7 @@ def run_sweep(overrides: list[str], argv: list[str], started_at: float) -> int:
         launch.check_state_api()
         use_gpu = t["use_gpu"] if t["use_gpu"] is not None else resources.gpus > 0
         launch.check_placeable(t, use_gpu, resources)
+        launch.check_storage_shared(cl["storage_path"])
         per_trial = t["num_workers"] * t["cpus_per_worker"]
         concurrent = sw["max_concurrent"] or max(1, int(resources.cpus // per_trial))
         if use_gpu:

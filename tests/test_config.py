@@ -239,6 +239,8 @@ BAD_VALUES = [
     ("trainer.threads_per_worker", -1),
     ("trainer.precision", "fp8"),
     ("trainer.precision", "fp16"),
+    ("trainer.placement_strategy", "spread"),  # Ray's names are upper case
+    ("trainer.placement_strategy", "ROUND_ROBIN"),
     ("optim.name", "rmsprop"),
     ("optim.lr", 0.0),
     ("optim.lr", -1e-3),
