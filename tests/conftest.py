@@ -43,6 +43,7 @@ def ray_processes() -> set[int]:
 
 
 HEAD_SESSION: list[str] = []  # the session directory of the `ray_head` fixture, once started
+HEAD_DASHBOARD: list[str] = []  # ... and its dashboard (Jobs API) URL
 
 
 def train_workers() -> list[psutil.Process]:
@@ -90,7 +91,10 @@ def ray_head():
         # Its own temp dir: Ray's processes find "their" cluster through a file there, which
         # other Ray instances on this machine would otherwise overwrite.
         "RAY_TMPDIR": tempfile.mkdtemp(prefix="orc-head-", dir="/tmp"),
+        # Jobs submitted to it (orchestrate-jobs) run `python` from this environment.
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     }
+    dashboard_port = _free_port()
     ray = str(BIN / "ray")
     subprocess.run(
         [
@@ -103,7 +107,7 @@ def ray_head():
             # frees a stopped sweep trial's placement group through its State API.
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={_free_port()}",
+            f"--dashboard-port={dashboard_port}",
             "--disable-usage-stats",
         ],
         env=env,
@@ -113,6 +117,7 @@ def ray_head():
     )
     session = _session_dir_of(port)
     HEAD_SESSION.append(session)
+    HEAD_DASHBOARD.append(f"http://127.0.0.1:{dashboard_port}")
     yield f"127.0.0.1:{port}"
     _stop_session(session)
 
