@@ -38,3 +38,23 @@ def test_sweep_efficiency_runs_both_sweeps_and_writes_its_table(tmp_path):
     assert results["grid"]["trials"] == 2 and results["asha"]["trials"] == 2
     assert results["grid"]["trial_epochs"] == 4  # the grid runs every trial to the end
     assert "| asha | 2 |" in (tmp_path / "sweep_efficiency.md").read_text()
+
+
+def test_performance_runs_orchestrate_beside_torchrun_and_writes_its_table(tmp_path):
+    # B2 (with B6) exercises every moving part: a private Ray head (warm), an embedded Ray
+    # (cold), the torchrun baseline, figures read back through MlflowClient, RSS sampling.
+    out = bench("performance.py", "--tiny", "--only", "B2", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = json.loads((tmp_path / "performance.json").read_text())
+    for side in ("cold", "warm"):
+        assert results["B2"][side]["first_step_ratio"]["n"] == 1
+        assert (
+            0
+            < results["B2"][side]["first_step_s"]["median"]
+            < results["B2"][side]["wall_s"]["median"]
+        )
+    assert len(results["B6"]["orchestrate"]["worker_max_mb"]["values"]) == 1
+    assert results["B6"]["torchrun"]["worker_ru_maxrss_mb"]["median"] > 0
+    table = (tmp_path / "performance.md").read_text()
+    assert "| B2 | launch → first optimizer step, cold" in table
+    assert "| B6 | peak RSS, largest worker" in table
