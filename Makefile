@@ -33,7 +33,8 @@ test: $(STAMP) browser  ## the whole suite, as CI runs it
 test-fast: $(STAMP)  ## everything except the end-to-end Ray runs
 	$(BIN)/python -m pytest -m "not slow"
 
-bench: $(STAMP)  ## measured figures (not part of the tests); see benchmarks/
+bench: $(STAMP)  ## measured figures (not part of the tests); see benchmarks/ and README "Performance"
+	$(BIN)/python benchmarks/performance.py
 	$(BIN)/python benchmarks/sweep_efficiency.py
 
 lint: $(STAMP)
