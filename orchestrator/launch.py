@@ -80,6 +80,10 @@ def connect(cluster: dict[str, Any], state_api: bool = False) -> ClusterResource
     if cluster["address"] is None:
         for key, value in _POLL_ENV.items():  # inherited by the processes the embedded Ray starts
             os.environ.setdefault(key, value)
+        from orchestrator.loopback import loopback_interface
+
+        # gloo binds where the hostname resolves (often the LAN address) unless told otherwise.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback_interface())
         # address="local": always a fresh embedded instance, never a `ray start` cluster
         # that happens to run on this machine.
         _private_temp_dir()
@@ -242,13 +246,16 @@ def fit(
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from orchestrator.loop import ray_train_fn
+    from orchestrator.loopback import LoopbackTorchConfig
 
     t = cfg["trainer"]
+    # The embedded cluster keeps DDP's rendezvous store on 127.0.0.1 too (see loopback.py).
+    torch_config_cls = LoopbackTorchConfig if cfg["cluster"]["address"] is None else TorchConfig
     trainer = TorchTrainer(
         ray_train_fn,
         train_loop_config={"cfg": cfg, "run_id": run_id, "progress": progress_queue},
         # gloo on CPU, NCCL on GPU: set explicitly so the choice is visible, not inferred.
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        torch_config=torch_config_cls(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(
             num_workers=t["num_workers"],
             use_gpu=use_gpu,

@@ -124,7 +124,7 @@ def cluster(tmp_path_factory):
             env=head_env,
             check=True,
             capture_output=True,
-            timeout=120,
+            timeout=300,
         )
         work_env = _node_env(ifnames[1])
         c.temp_dirs.append(work_env["RAY_TMPDIR"])
@@ -152,7 +152,7 @@ def cluster(tmp_path_factory):
             ]
             c.local_dir = local_dir
         subprocess.run(
-            [*prefixes[1], *join], env=work_env, check=True, capture_output=True, timeout=120
+            [*prefixes[1], *join], env=work_env, check=True, capture_output=True, timeout=300
         )
         yield c
     finally:
