@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser demo test test-fast lint format bench clean
+.PHONY: install browser postgres demo test test-fast lint format bench clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on CPU machines pip's find-links supplies the
 # CPU build; on GPU machines the same pin resolves to the ordinary CUDA build.
@@ -18,6 +18,12 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # Debian's Chromium + ChromeDriver for the MLflow UI test (tests/test_mlflow_ui.py).
+postgres:  ## Debian's PostgreSQL for the secure-stack test (tests/test_secure_stack.py)
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq postgresql >/dev/null; }
+
 browser:
 	@test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { \
 	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
@@ -27,7 +33,7 @@ browser:
 demo: $(STAMP)  ## train cnn_digits on 2 DDP workers (embedded Ray, ./mlflow.db)
 	$(BIN)/orchestrate job=cnn_digits trainer.num_workers=2
 
-test: $(STAMP) browser  ## the whole suite, as CI runs it
+test: $(STAMP) browser postgres  ## the whole suite, as CI runs it
 	$(BIN)/python -m pytest
 
 test-fast: $(STAMP)  ## everything except the end-to-end Ray runs

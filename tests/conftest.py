@@ -108,6 +108,9 @@ def ray_head():
             "--include-dashboard=true",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
+            # The Jobs API needs this head's own agent; the default port (52365) may belong
+            # to another Ray on the machine.
+            f"--dashboard-agent-listen-port={_free_port()}",
             "--disable-usage-stats",
         ],
         env=env,
