@@ -35,6 +35,7 @@ import json
 import os
 import platform
 import re
+import signal
 import socket
 import statistics
 import subprocess
@@ -103,7 +104,15 @@ def launch(cmd: list[str], cwd: Path, env: dict[str, str], marker: str | None = 
         cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     sampler = RssSampler(proc.pid, marker) if marker else None
-    out, _ = proc.communicate(timeout=1800)
+    try:
+        out, _ = proc.communicate(timeout=1800)
+    except BaseException:  # stopped or timed out: stop the child too (orchestrate ends its run)
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        raise
     wall = time.perf_counter() - t0
     rss = sampler.stop() if sampler else None
     if proc.returncode != 0:
@@ -139,6 +148,11 @@ def orchestrate(cfg: Settings, overrides: list[str], address: str | None, rss: b
         # The metric's timestamp is when rank 0 logged it, right after the first step.
         "first_step_s": first.timestamp / 1000 - r["launched_at"],
         "logged_time_to_first_step_s": first.value,
+        # Start-up split: launch → orchestrate's main() (interpreter, CLI imports) → MLflow
+        # run created (config, job import, Ray started or joined) → first step (worker group,
+        # process group, data, model, first batch).
+        "main_started_s": first.timestamp / 1000 - first.value - r["launched_at"],
+        "run_created_s": client.get_run(run_id).info.start_time / 1000 - r["launched_at"],
         "loop_s": client.get_run(run_id).data.metrics.get("time/loop_s"),
         "wall_s": r["wall_s"],
         "rss": r["rss"],
@@ -170,17 +184,21 @@ def summary(values: list[float]) -> dict[str, Any]:
     }
 
 
-def alternate(repeats: int, sides: list) -> list[list]:
-    """Run each side once per repeat, order reversed every other repeat (A B, B A, ...)."""
+def alternate(cfg: Settings, name: str, sides: list, summarize) -> Any:
+    """Run each side once per repeat, order reversed every other repeat (A B, B A, ...).
+
+    After every repeat the figures so far are summarised and written (marked with the repeats
+    done), so a run stopped early still leaves what it measured."""
     results: list[list] = [[] for _ in sides]
-    for rep in range(repeats):
+    for rep in range(cfg.repeats):
         order = list(range(len(sides)))
         if rep % 2:
             order.reverse()
         for i in order:
             results[i].append(sides[i]())
-        print(f"  repeat {rep + 1}/{repeats} done", flush=True)
-    return results
+        print(f"  {name}: repeat {rep + 1}/{cfg.repeats} done", flush=True)
+        cfg.publish(name, {**summarize(*results), "repeats_done": rep + 1})
+    return summarize(*results)
 
 
 # --- the benchmarks -------------------------------------------------------------------------
@@ -192,80 +210,90 @@ class Settings:
         self.trials = [int(t) for t in args.trials.split(",")]
         self.cnn_epochs = 2 if args.tiny else 6
         self.lm_batches = 3 if args.tiny else 30
+        self.publish = lambda name, figures: None  # set by main(): store and write
 
 
 def b1(cfg: Settings) -> dict:
-    out = {}
+    sides = []
     for w in (1, 2):
-        common = ["job=cnn_digits", f"trainer.num_workers={w}", "tracking.log_model=false",
-                  f"trainer.max_epochs={cfg.cnn_epochs}"]  # fmt: skip
-        extra = ["trainer.limit_batches=3"] if cfg.tiny else []
-        ours, base = alternate(cfg.repeats, [
-            lambda common=common, extra=extra: orchestrate(cfg, common + extra, cfg.head),
-            lambda w=w, extra=extra: torchrun(cfg, w, ["--job", "cnn_digits", "--epochs",
-                str(cfg.cnn_epochs), *(["--limit-batches", "3"] if extra else [])]),
-        ])  # fmt: skip
-        o, b = (
-            [steady(r["samples_per_s"]) for r in ours],
-            [steady(r["samples_per_s"]) for r in base],
-        )
-        out[f"{w}_workers"] = {
-            "ratio": summary([x / y for x, y in zip(o, b, strict=True)]),
-            "orchestrate_samples_per_s": summary(o),
-            "torchrun_samples_per_s": summary(b),
-        }
-    return out
+        limit = ["trainer.limit_batches=3"] if cfg.tiny else []
+        ours = ["job=cnn_digits", f"trainer.num_workers={w}", "tracking.log_model=false",
+                f"trainer.max_epochs={cfg.cnn_epochs}", *limit]  # fmt: skip
+        base = ["--job", "cnn_digits", "--epochs", str(cfg.cnn_epochs),
+                *(["--limit-batches", "3"] if cfg.tiny else [])]  # fmt: skip
+        sides += [lambda ours=ours: orchestrate(cfg, ours, cfg.head),
+                  lambda w=w, base=base: torchrun(cfg, w, base)]  # fmt: skip
+
+    def summarize(o1, t1, o2, t2) -> dict:
+        out = {}
+        for w, ours, base in ((1, o1, t1), (2, o2, t2)):
+            o = [steady(r["samples_per_s"]) for r in ours]
+            b = [steady(r["samples_per_s"]) for r in base]
+            out[f"{w}_workers"] = {
+                "ratio": summary([x / y for x, y in zip(o, b, strict=True)]),
+                "orchestrate_samples_per_s": summary(o),
+                "torchrun_samples_per_s": summary(b),
+            }
+        return out
+
+    return alternate(cfg, "B1", sides, summarize)
 
 
-def b2_b6(cfg: Settings) -> tuple[dict, dict]:
+def b2_b6(cfg: Settings) -> dict:
     short = ["job=cnn_digits", "trainer.num_workers=2", "trainer.max_epochs=1",
              "trainer.limit_batches=5"]  # fmt: skip
-    cold, warm, base = alternate(cfg.repeats, [
+    sides = [
         lambda: orchestrate(cfg, short, None, rss=True),
         lambda: orchestrate(cfg, short, cfg.head),
         lambda: torchrun(cfg, 2, ["--job", "cnn_digits", "--epochs", "1", "--limit-batches", "5"],
                          rss=True),
-    ])  # fmt: skip
-    b2: dict[str, Any] = {}
-    for name, runs in (("cold", cold), ("warm", warm)):
-        b2[name] = {
-            "first_step_ratio": summary([
-                o["first_step_s"] / b["first_step_s"] for o, b in zip(runs, base, strict=True)]),
-            "wall_ratio": summary([o["wall_s"] / b["wall_s"] for o, b in zip(runs, base, strict=True)]),
-            "first_step_s": summary([o["first_step_s"] for o in runs]),
-            # From `orchestrate`'s main() to the first step, as logged to the run: the rest of
-            # first_step_s is the interpreter starting and importing the CLI.
-            "logged_time_to_first_step_s": summary([o["logged_time_to_first_step_s"] for o in runs]),
-            "wall_s": summary([o["wall_s"] for o in runs]),
-        }  # fmt: skip
-    b2["torchrun"] = {
-        "first_step_s": summary([b["first_step_s"] for b in base]),
-        "wall_s": summary([b["wall_s"] for b in base]),
-    }
-    ours = [r["rss"] for r in cold]
-    theirs = [r["rss"] for r in base]
+    ]  # fmt: skip
 
-    def ratio(key, pick=lambda v: v):
-        return summary([pick(o[key]) / pick(t[key]) for o, t in zip(ours, theirs, strict=True)])
+    def summarize(cold, warm, base) -> dict:
+        b2: dict[str, Any] = {}
+        for name, runs in (("cold", cold), ("warm", warm)):
+            b2[name] = {
+                "first_step_ratio": summary([
+                    o["first_step_s"] / b["first_step_s"] for o, b in zip(runs, base, strict=True)]),
+                "wall_ratio": summary([o["wall_s"] / b["wall_s"] for o, b in zip(runs, base, strict=True)]),
+                "first_step_s": summary([o["first_step_s"] for o in runs]),
+                # From `orchestrate`'s main() to the first step, as logged to the run: the rest of
+                # first_step_s is the interpreter starting and importing the CLI.
+                "logged_time_to_first_step_s": summary([o["logged_time_to_first_step_s"] for o in runs]),
+                "wall_s": summary([o["wall_s"] for o in runs]),
+                "main_started_s": summary([o["main_started_s"] for o in runs]),
+                "run_created_s": summary([o["run_created_s"] for o in runs]),
+            }  # fmt: skip
+        b2["torchrun"] = {
+            "first_step_s": summary([b["first_step_s"] for b in base]),
+            "wall_s": summary([b["wall_s"] for b in base]),
+        }
+        ours = [r["rss"] for r in cold]
+        theirs = [r["rss"] for r in base]
 
-    b6 = {
-        "driver_ratio": ratio("driver_mb"),
-        "worker_ratio": ratio("workers_mb", max),
-        "all_processes_ratio": ratio("all_processes_mb"),
-        "orchestrate": {
-            "driver_mb": summary([o["driver_mb"] for o in ours]),
-            "worker_max_mb": summary([max(o["workers_mb"]) for o in ours]),
-            "all_processes_mb": summary([o["all_processes_mb"] for o in ours]),
-            "processes": summary([o["processes"] for o in ours]),
-        },
-        "torchrun": {
-            "launcher_mb": summary([t["driver_mb"] for t in theirs]),
-            "worker_max_mb": summary([max(t["workers_mb"]) for t in theirs]),
-            "all_processes_mb": summary([t["all_processes_mb"] for t in theirs]),
-            "worker_ru_maxrss_mb": summary([max(b["peak_rss_mb"]) for b in base]),
-        },
-    }
-    return b2, b6
+        def ratio(key, pick=lambda v: v):
+            return summary([pick(o[key]) / pick(t[key]) for o, t in zip(ours, theirs, strict=True)])
+
+        b6 = {
+            "driver_ratio": ratio("driver_mb"),
+            "worker_ratio": ratio("workers_mb", max),
+            "all_processes_ratio": ratio("all_processes_mb"),
+            "orchestrate": {
+                "driver_mb": summary([o["driver_mb"] for o in ours]),
+                "worker_max_mb": summary([max(o["workers_mb"]) for o in ours]),
+                "all_processes_mb": summary([o["all_processes_mb"] for o in ours]),
+                "processes": summary([o["processes"] for o in ours]),
+            },
+            "torchrun": {
+                "launcher_mb": summary([t["driver_mb"] for t in theirs]),
+                "worker_max_mb": summary([max(t["workers_mb"]) for t in theirs]),
+                "all_processes_mb": summary([t["all_processes_mb"] for t in theirs]),
+                "worker_ru_maxrss_mb": summary([max(b["peak_rss_mb"]) for b in base]),
+            },
+        }
+        return {"B2": b2, "B6": b6}
+
+    return alternate(cfg, "B2", sides, summarize)
 
 
 def b3(cfg: Settings) -> dict:
@@ -273,42 +301,52 @@ def b3(cfg: Settings) -> dict:
           f"trainer.limit_batches={cfg.lm_batches}", "tracking.log_model=false"]  # fmt: skip
     base = ["--job", "transformer_lm", "--max-chars", "300000", "--epochs", "3",
             "--limit-batches", str(cfg.lm_batches)]  # fmt: skip
-    o1, t1, o2, t2 = alternate(cfg.repeats, [
+    sides = [
         lambda: orchestrate(cfg, [*lm, "trainer.num_workers=1"], cfg.head),
         lambda: torchrun(cfg, 1, base),
         lambda: orchestrate(cfg, [*lm, "trainer.num_workers=2"], cfg.head),
         lambda: torchrun(cfg, 2, base),
-    ])  # fmt: skip
+    ]  # fmt: skip
 
-    def eff(one, two):
-        return [steady(b["samples_per_s"]) / (2 * steady(a["samples_per_s"]))
-                for a, b in zip(one, two, strict=True)]  # fmt: skip
+    def summarize(o1, t1, o2, t2) -> dict:
+        def eff(one, two):
+            return [steady(b["samples_per_s"]) / (2 * steady(a["samples_per_s"]))
+                    for a, b in zip(one, two, strict=True)]  # fmt: skip
 
-    ours, theirs = eff(o1, o2), eff(t1, t2)
-    return {
-        "efficiency_ratio": summary([a / b for a, b in zip(ours, theirs, strict=True)]),
-        "orchestrate_efficiency": summary(ours),
-        "torchrun_efficiency": summary(theirs),
-        "orchestrate_samples_per_s": {"1": summary([steady(r["samples_per_s"]) for r in o1]),
-                                      "2": summary([steady(r["samples_per_s"]) for r in o2])},
-        "torchrun_samples_per_s": {"1": summary([steady(r["samples_per_s"]) for r in t1]),
-                                   "2": summary([steady(r["samples_per_s"]) for r in t2])},
-    }  # fmt: skip
+        ours, theirs = eff(o1, o2), eff(t1, t2)
+        return {
+            "efficiency_ratio": summary([a / b for a, b in zip(ours, theirs, strict=True)]),
+            "orchestrate_efficiency": summary(ours),
+            "torchrun_efficiency": summary(theirs),
+            "orchestrate_samples_per_s": {"1": summary([steady(r["samples_per_s"]) for r in o1]),
+                                          "2": summary([steady(r["samples_per_s"]) for r in o2])},
+            "torchrun_samples_per_s": {"1": summary([steady(r["samples_per_s"]) for r in t1]),
+                                       "2": summary([steady(r["samples_per_s"]) for r in t2])},
+        }  # fmt: skip
+
+    return alternate(cfg, "B3", sides, summarize)
 
 
 def b4(cfg: Settings) -> dict:
     common = ["job=cnn_digits", "trainer.num_workers=2", f"trainer.max_epochs={cfg.cnn_epochs}",
               "tracking.log_model=false", *(["trainer.limit_batches=3"] if cfg.tiny else [])]  # fmt: skip
-    every, off = alternate(cfg.repeats, [
+    sides = [
         lambda: orchestrate(cfg, [*common, "trainer.log_every_n_steps=1"], cfg.head),
         lambda: orchestrate(cfg, [*common, "trainer.log_every_n_steps=1000000000"], cfg.head),
-    ])  # fmt: skip
-    e, f = [steady(r["samples_per_s"]) for r in every], [steady(r["samples_per_s"]) for r in off]
-    return {
-        "ratio": summary([a / b for a, b in zip(e, f, strict=True)]),
-        "every_step_samples_per_s": summary(e),
-        "off_samples_per_s": summary(f),
-    }
+    ]  # fmt: skip
+
+    def summarize(every, off) -> dict:
+        e, f = (
+            [steady(r["samples_per_s"]) for r in every],
+            [steady(r["samples_per_s"]) for r in off],
+        )
+        return {
+            "ratio": summary([a / b for a, b in zip(e, f, strict=True)]),
+            "every_step_samples_per_s": summary(e),
+            "off_samples_per_s": summary(f),
+        }
+
+    return alternate(cfg, "B4", sides, summarize)
 
 
 def b5(cfg: Settings) -> dict:
@@ -328,6 +366,8 @@ def b5(cfg: Settings) -> dict:
             trials = [x for x in runs if x.data.tags.get("mlflow.parentRunId")]
             overhead = [(x.info.end_time - x.info.start_time) / 1000 - x.data.metrics["time/loop_s"]
                         for x in trials if "time/loop_s" in x.data.metrics and x.info.end_time]  # fmt: skip
+            if not overhead:
+                raise SystemExit(f"B5: none of the {len(trials)} trials logged time/loop_s")
             q = statistics.quantiles(overhead, n=4) if len(overhead) > 1 else overhead * 3
             out[str(n)] = {
                 "trials": len(trials),
@@ -405,7 +445,7 @@ def stop_head(session: str) -> None:
 
 
 def fmt(s: dict, digits: int = 2) -> str:
-    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
+    return f"{s['median']:.{digits}f} ({s['min']:.{digits}f}–{s['max']:.{digits}f}, n={s['n']})"
 
 
 def table(r: dict) -> list[str]:
@@ -424,6 +464,9 @@ def table(r: dict) -> list[str]:
             rows.append(f"| B2 | launch → first optimizer step, {k}, orchestrate / torchrun | "
                         f"{fmt(x['first_step_ratio'])} | ≤ 2 | {x['first_step_s']['median']:.1f} / "
                         f"{t['first_step_s']['median']:.1f} s |")  # fmt: skip
+            rows.append(f"| B2 | start-up split, {k}: launch → main() → MLflow run (Ray up) → "
+                        f"first step | — | — | {x['main_started_s']['median']:.1f} → "
+                        f"{x['run_created_s']['median']:.1f} → {x['first_step_s']['median']:.1f} s |")  # fmt: skip
             rows.append(f"| B2 | total wall, short job, {k}, orchestrate / torchrun | "
                         f"{fmt(x['wall_ratio'])} | — | {x['wall_s']['median']:.1f} / "
                         f"{t['wall_s']['median']:.1f} s |")  # fmt: skip
@@ -505,6 +548,10 @@ def main() -> None:
     p.add_argument("--tiny", action="store_true", help="smoke run; its figures mean nothing")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args()
+    # Stoppable with Ctrl-C or SIGTERM even when started in the background (where SIGINT is
+    # ignored): both unwind through `finally`, which stops this script's Ray head.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     if args.tiny:
         args.repeats, args.trials = min(args.repeats, 1), "2"
     only = set(args.only.split(","))
@@ -518,15 +565,18 @@ def main() -> None:
         try:
             with tempfile.TemporaryDirectory(prefix="perf-") as tmp:
                 cfg = Settings(args, Path(tmp), head)
-                for name, fn in (("B1", b1), ("B3", b3), ("B4", b4)):
+
+                def publish(name: str, figures: dict) -> None:
+                    done = figures.pop("repeats_done")
+                    parts = figures if name == "B2" else {name: figures}  # B2 brings B6
+                    results.update({k: {**v, "repeats_done": done} for k, v in parts.items()})
+                    write(results, out, args.repeats)
+
+                cfg.publish = publish
+                for name, fn in (("B1", b1), ("B2", b2_b6), ("B3", b3), ("B4", b4)):
                     if name in only:
                         print(f"{name} ...", flush=True)
-                        results[name] = fn(cfg)
-                        write(results, out, args.repeats)  # partial results survive a stop
-                if "B2" in only:
-                    print("B2/B6 ...", flush=True)
-                    results["B2"], results["B6"] = b2_b6(cfg)
-                    write(results, out, args.repeats)
+                        fn(cfg)
         finally:
             stop_head(session)
     if "B5" in only:
