@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install browser postgres demo test test-fast lint format bench clean
+.PHONY: install browser postgres demo test test-fast reliability lint format bench clean
 
 # torch is pinned to 2.13.0 in pyproject.toml: on CPU machines pip's find-links supplies the
 # CPU build; on GPU machines the same pin resolves to the ordinary CUDA build.
@@ -38,6 +38,9 @@ test: $(STAMP) browser postgres  ## the whole suite, as CI runs it
 
 test-fast: $(STAMP)  ## everything except the end-to-end Ray runs
 	$(BIN)/python -m pytest -m "not slow"
+
+reliability: $(STAMP)  ## the whole fault-injection and bad-input matrix, with its figures
+	$(BIN)/python -m pytest -m "fault or bad_input"
 
 bench: $(STAMP)  ## measured figures (not part of the tests); see benchmarks/ and README "Performance"
 	$(BIN)/python benchmarks/performance.py

@@ -5,10 +5,9 @@
     orchestrate job=finetune_digits job.init_from=/abs/path/checkpoint_dir job.freeze_encoder=false
     orchestrate job=finetune_digits              # init_from=null: the same network from scratch
 
-`job.init_from`: an MLflow model URI (models:/name@alias, runs:/<id>/model; resolved against
-tracking.uri) or an autoencoder_digits checkpoint directory (absolute); its `encoder.*` weights
-are loaded. Trains on a fixed stratified `label_fraction` of cnn_digits' training split, scored
-on its held-out split; reference: the same network from scratch on the same labels.
+`job.init_from`: an MLflow model URI (models:/name@alias, runs:/<id>/model, from tracking.uri) or
+an autoencoder_digits checkpoint directory (absolute): its `encoder.*` weights are loaded. Trains
+on 5 % of cnn_digits' labels; reference: the same network from scratch on the same labels.
 """
 
 from __future__ import annotations
@@ -146,4 +145,5 @@ JOB = JobSpec(
     mode="max",
     evaluate=classifier_report,
     references=references,
+    model_sources=("init_from",),
 )

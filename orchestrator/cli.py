@@ -3,6 +3,7 @@
     orchestrate job=cnn_digits                       # train on an embedded local Ray
     orchestrate job=cnn_digits trainer.num_workers=2 optim.lr=3e-3
     orchestrate job=cnn_digits --cfg job             # Hydra's own config printing
+    orchestrate resume=<run id>                      # continue a stopped job in its run
 
 Hydra composes and validates the config here, on the driver, before anything starts. Any
 problem with it is one line on stderr naming the key and the fix, and exit code 2.
@@ -133,6 +134,7 @@ def compose_config(overrides: list[str]) -> dict[str, Any]:
 
 def _as_user_error(exc: Exception) -> UserError:
     """Turn Hydra/OmegaConf's multi-line errors into one line naming the key and the fix."""
+    import yaml
     from hydra.errors import MissingConfigException
     from omegaconf.errors import (
         ConfigAttributeError,
@@ -142,6 +144,14 @@ def _as_user_error(exc: Exception) -> UserError:
     )
 
     cause = exc.__cause__ or exc
+    if isinstance(cause, yaml.MarkedYAMLError) and cause.problem_mark is not None:
+        # A config file (under conf/ or on hydra.searchpath) is not valid YAML: name the line.
+        mark = cause.context_mark or cause.problem_mark
+        return UserError(
+            f"{mark.name}:{mark.line + 1}",
+            f"malformed YAML ({cause.context or cause.problem})",
+            "fix the YAML syntax there",
+        )
     key = getattr(cause, "full_key", None) or ""
     first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
     if isinstance(exc, MissingConfigException) or "Could not find" in first:
@@ -211,11 +221,16 @@ def main(argv: list[str] | None = None) -> int:
             from orchestrator.sweep import run_sweep
 
             return run_sweep(args.overrides, argv, started_at)
-        _reject_sweeps_without_m(args.overrides)
-        cfg = compose_config(args.overrides)
+        from orchestrator import resume
+
+        overrides, resume_id = resume.split(args.overrides)
+        if resume_id:
+            overrides = resume.job_overrides(overrides, resume_id)
+        _reject_sweeps_without_m(overrides)
+        cfg = compose_config(overrides)
         from orchestrator.runner import run_job
 
-        return run_job(cfg, argv, args.overrides, started_at)
+        return run_job(cfg, argv, overrides, started_at, resume_id)
     except UserError as exc:
         print(f"error: {exc.one_line()}", file=sys.stderr)
         return exc.exit_code

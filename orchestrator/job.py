@@ -93,6 +93,9 @@ class JobSpec:
     # What to log as the MLflow model when the trained module is not what one deploys (a
     # GAN's generator): (module, example input) from the trained model and a held-out batch.
     export: Callable[[nn.Module, Batch], tuple[nn.Module, torch.Tensor]] | None = None
+    # Keys of the job's config that name a model to start from (`init_from`): checked on the
+    # driver before anything starts, so a missing model is an input error, not a failed run.
+    model_sources: tuple[str, ...] = ()
 
 
 def load_job(name: str) -> JobSpec:

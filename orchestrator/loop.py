@@ -32,6 +32,9 @@ from orchestrator.context import WorkerContext
 from orchestrator.job import EpochEnd, JobSpec, job_config, load_job
 from orchestrator.tracking import MetricLogger, NullMetricLogger
 
+# Metrics rank 0 could not deliver yet (tracking server down), kept beside the checkpoints.
+UNDELIVERED_METRICS = "undelivered_metrics.jsonl"
+
 
 @dataclass
 class LoopResult:
@@ -191,8 +194,15 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         ctx.progress({"type": "resumed", "epoch": start_epoch, "step": global_step, "note": note})
 
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    run_dir = cfg.get("launch", {}).get("run_dir")  # the run's checkpoint storage, if local
+    if run_dir:
+        _record_process(run_dir, ctx.rank)
     metrics_out: MetricLogger | NullMetricLogger = (
-        MetricLogger(cfg["tracking"]["uri"], run_id)
+        MetricLogger(
+            cfg["tracking"]["uri"],
+            run_id,
+            spill_path=os.path.join(run_dir, UNDELIVERED_METRICS) if run_dir else None,
+        )
         if (run_id and ctx.rank == 0)
         else NullMetricLogger()
     )
@@ -322,10 +332,28 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
 
     # Wall time inside this function (setup included), to tell orchestration overhead apart.
     metrics_out.log({"time/loop_s": time.perf_counter() - loop_started}, step=global_step)
-    metrics_out.flush()
+    delivered = metrics_out.flush()
     result = LoopResult("finished", tcfg["max_epochs"], global_step, last)
+    if not delivered:  # training is done and checkpointed; only the tracking server is missing
+        where = os.path.join(str(run_dir), UNDELIVERED_METRICS)
+        result.message = f"MLflow unreachable: undelivered metrics kept in {where}"
     ctx.progress({"type": "outcome", **result.__dict__})
     return result
+
+
+def _record_process(run_dir: str, rank: int) -> None:
+    """`<run dir>/workers/rank-<r>.json`: which process is which rank, for an operator who
+    wants to inspect one (py-spy) or kill one in a fault drill (tests/test_faults.py does)."""
+    import json
+    import socket
+
+    folder = os.path.join(run_dir, "workers")
+    os.makedirs(folder, exist_ok=True)
+    info = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), "time": time.time()}
+    tmp = os.path.join(folder, f".rank-{rank}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, os.path.join(folder, f"rank-{rank}.json"))
 
 
 def ray_train_fn(config: dict[str, Any]) -> None:

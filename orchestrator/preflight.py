@@ -110,3 +110,40 @@ def check_cluster(address: str | None) -> None:
             f"cannot reach Ray at {address} ({exc.strerror or exc})",
             "start the cluster (`ray start --head`) or fix cluster.address",
         ) from None
+
+
+def check_model_source(key: str, source: str | None, tracking_uri: str) -> None:
+    """A model to start from (e.g. `job.init_from`) must exist before anything starts."""
+    if not source:
+        return
+    scheme = source.split(":/", 1)[0] if ":/" in source else ""
+    if scheme and scheme not in ("models", "runs"):
+        return  # s3://, gs://, ...: the loader on the workers reports what is wrong
+    if not scheme:
+        if not os.path.isabs(source):
+            raise UserError(key, f"'{source}' is a relative path", "give an absolute path")
+        if not os.path.isfile(os.path.join(source, "meta.json")):
+            raise UserError(
+                key,
+                f"no checkpoint at '{source}' (no meta.json)",
+                "give a checkpoint directory written by this orchestrator, or a models:/ URI",
+            )
+        return
+    fix = "register one first (e.g. tracking.register_as=NAME on the job that trains it) or fix the URI"
+    if tracking_uri.startswith("sqlite:///") and not os.path.exists(tracking_uri[10:]):
+        raise UserError(key, f"'{source}' not found: {tracking_uri} does not exist yet", fix)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+    body = source.split(":/", 1)[1].strip("/")
+    try:
+        if scheme == "runs":
+            client.get_run(body.split("/", 1)[0])
+        elif "@" in body:
+            client.get_model_version_by_alias(*body.split("@", 1))
+        elif "/" in body:
+            client.get_model_version(*body.rsplit("/", 1))
+        else:
+            client.get_registered_model(body)
+    except Exception:
+        raise UserError(key, f"'{source}' not found in {tracking_uri}", fix) from None

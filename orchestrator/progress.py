@@ -56,8 +56,8 @@ class ProgressDisplay:
             self._line(line)
         elif kind == "resumed":
             self._line(
-                f"resumed from the checkpoint of epoch {event['epoch']} (step {event['step']}) "
-                "after a worker failure" + (f" ({event['note']})" if event.get("note") else "")
+                f"resumed from the checkpoint of epoch {event['epoch']} (step {event['step']})"
+                + (f" ({event['note']})" if event.get("note") else "")
             )
         elif kind == "outcome":
             self.outcome = event

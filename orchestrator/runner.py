@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import launch, preflight, tracking
+from orchestrator import launch, preflight, resume, tracking
 from orchestrator.errors import TrainingFailed
 from orchestrator.job import load_job
 from orchestrator.progress import ProgressDisplay, drain
@@ -49,13 +49,21 @@ def prepare(cfg: dict[str, Any], cwd: str) -> None:
     cfg["cluster"]["storage_path"] = os.path.abspath(os.path.join(cwd, storage))
 
 
-def run_job(cfg: dict[str, Any], argv: list[str], overrides: list[str], started_at: float) -> int:
+def run_job(
+    cfg: dict[str, Any],
+    argv: list[str],
+    overrides: list[str],
+    started_at: float,
+    resume_id: str | None = None,
+) -> int:
     prepare(cfg, os.getcwd())
     tcfg, ccfg, trk = cfg["trainer"], cfg["cluster"], cfg["tracking"]
     name = cfg["job"]["name"]
     job = load_job(name)
 
     preflight.check_tracking(trk["uri"])
+    for key in job.model_sources:
+        preflight.check_model_source(f"job.{key}", cfg["job"][key], trk["uri"])
     preflight.check_cluster(ccfg["address"])
     if ccfg["address"] is None:  # know the embedded cluster's size before paying to start it
         embedded = launch.embedded_resources(ccfg)
@@ -70,9 +78,26 @@ def run_job(cfg: dict[str, Any], argv: list[str], overrides: list[str], started_
         use_gpu = tcfg["use_gpu"] if tcfg["use_gpu"] is not None else resources.gpus > 0
         launch.check_placeable(tcfg, use_gpu, resources)
         launch.check_storage_shared(ccfg["storage_path"])  # multi-node: before any MLflow run
-        return _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu)
+        return _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id)
     finally:
         launch.shutdown()
+
+
+def _run_dir(storage: str, name: str, run_id: str) -> str:
+    """Where Ray Train keeps this run's checkpoints (a URI on cloud storage)."""
+    return f"{storage.rstrip('/')}/{name}-{run_id}"
+
+
+def _tracking_lost(uri: str, detail: str, resume_with: str) -> int:
+    """Training finished and is checkpointed, but the tracking server is gone: say how to
+    finish the run later instead of failing it (it stays RUNNING until then)."""
+    print(
+        f"\nerror: MLflow at {uri} is unreachable ({detail.splitlines()[0]}).\n"
+        "Training finished and its checkpoints and undelivered metrics are kept.\n"
+        f"When the server is back, finish the run with: {resume_with}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def deployed_weights(state: dict) -> dict:
@@ -82,9 +107,10 @@ def deployed_weights(state: dict) -> dict:
     return {k.removeprefix("module."): v for k, v in state["ema"].items() if k != "n_averaged"}
 
 
-def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu) -> int:
+def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) -> int:
     trk = cfg["tracking"]
     name = cfg["job"]["name"]
+    storage = cfg["cluster"]["storage_path"]
     command = "orchestrate " + " ".join(shlex.quote(a) for a in argv)
     commit = tracking.git_commit(PROJECT_DIR)
     tags = {
@@ -99,16 +125,26 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu) -> int:
         tags["orchestrator.submission_id"] = submission
     if commit:
         tags["mlflow.source.git.commit"] = commit
-    run_id = tracking.create_run(
-        trk["uri"],
-        trk["experiment"],
-        trk["run_name"] or _run_name(name, overrides),
-        tracking.flatten(cfg),
-        tags,
-        tracking.config_yaml(cfg),
-    )
-    print(f"MLflow run {run_id} (experiment '{trk['experiment']}', {trk['uri']})", flush=True)
-    cfg = {**cfg, "launch": {"started_at": started_at}}
+    if resume_id:  # the same run continues: its params and tags stay as first logged
+        run_id = resume_id
+        resume.reopen(cfg, run_id, _run_dir(storage, name, run_id))
+        print(f"Resuming MLflow run {run_id} from its latest checkpoint", flush=True)
+    else:
+        run_id = tracking.create_run(
+            trk["uri"],
+            trk["experiment"],
+            trk["run_name"] or _run_name(name, overrides),
+            tracking.flatten(cfg),
+            tags,
+            tracking.config_yaml(cfg),
+        )
+        print(f"MLflow run {run_id} (experiment '{trk['experiment']}', {trk['uri']})", flush=True)
+    resume_with = resume.command(run_id, overrides)
+    run_dir = _run_dir(storage, name, run_id)
+    # Workers keep small files beside the checkpoints (which rank is which process, metrics a
+    # tracking outage left undelivered) when that storage is a file system.
+    local_dir = None if "://" in run_dir else run_dir
+    cfg = {**cfg, "launch": {"started_at": started_at, "run_dir": local_dir}}
 
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
     display = ProgressDisplay(job.main_metric)
@@ -116,7 +152,7 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu) -> int:
     try:
         queue = launch.make_progress_queue()
         thread, box = launch.fit_in_background(
-            cfg, run_id, use_gpu, cfg["cluster"]["storage_path"], f"{name}-{run_id}", queue
+            cfg, run_id, use_gpu, storage, f"{name}-{run_id}", queue
         )
         while thread.is_alive():
             drain(queue, display)
@@ -128,11 +164,20 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu) -> int:
             raise TrainingFailed(
                 outcome.get("message") or "training ended without reporting an outcome"
             )
-        _finish(cfg, job, run_id, box["result"])
+        if outcome.get("message", "").startswith("MLflow unreachable"):
+            return _tracking_lost(trk["uri"], outcome["message"], resume_with)
+        try:
+            _finish(cfg, job, run_id, box["result"])
+        except Exception as exc:
+            if tracking.reachable(trk["uri"]):
+                raise
+            return _tracking_lost(trk["uri"], f"{type(exc).__name__}: {exc}", resume_with)
     except Interrupted as exc:
         _ignore_signals()
+        launch.shutdown()  # stop the workers first: nothing may train or log after KILLED
         print(
-            f"\n{exc} received: stopping workers; MLflow run {run_id} marked KILLED",
+            f"\n{exc} received: stopping workers; MLflow run {run_id} marked KILLED\n"
+            f"Checkpoints are kept; continue with: {resume_with}",
             file=sys.stderr,
         )
         tracking.end_run(trk["uri"], run_id, "KILLED", f"stopped by {exc}")
@@ -140,7 +185,9 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu) -> int:
     except TrainingFailed as exc:
         _ignore_signals()
         print(
-            f"\nerror: training failed: {exc}\nMLflow run {run_id} marked FAILED", file=sys.stderr
+            f"\nerror: training failed: {exc}\nMLflow run {run_id} marked FAILED\n"
+            f"If the cause is fixed, continue from the last checkpoint with: {resume_with}",
+            file=sys.stderr,
         )
         tracking.end_run(trk["uri"], run_id, "FAILED", str(exc))
         return 1

@@ -23,6 +23,7 @@ import io
 import os
 import shlex
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -202,28 +203,17 @@ def _trial(
 def _resolve_resume(overrides: list[str]) -> tuple[list[str], str | None]:
     """`sweep.resume=<id>`: replay the interrupted sweep's own overrides (this command's
     tracking.* and cluster.* settings still apply, to find the store and the cluster)."""
+    from orchestrator import resume as resuming
+
     resume = next((o.split("=", 1)[1] for o in overrides if o.startswith("sweep.resume=")), None)
     if not resume:
         return overrides, None
-    from orchestrator.cli import compose_config
-
-    here = [o for o in overrides if o.startswith(("tracking.", "cluster."))]
-    uri = preflight.resolve_tracking_uri(compose_config(here)["tracking"]["uri"], os.getcwd())
-    preflight.check_tracking(uri)
-    try:
-        run = tracking.client(uri).get_run(resume)
-    except Exception:
-        raise UserError(
-            "sweep.resume",
-            f"no MLflow run '{resume}' in {uri}",
-            "pass the parent run id printed when the sweep started",
-        ) from None
+    run = resuming.recorded_run(overrides, resume, key="sweep.resume")
     if run.data.tags.get("orchestrator.sweep") != "true":
         raise UserError(
             "sweep.resume", f"run '{resume}' is not a sweep's parent run", "pass the parent run id"
         )
-    original = shlex.split(run.data.tags["orchestrator.overrides"])
-    return [o for o in original if not o.startswith(("tracking.", "cluster."))] + here, resume
+    return resuming.replayed_overrides(run, overrides), resume
 
 
 def run_sweep(overrides: list[str], argv: list[str], started_at: float) -> int:
@@ -251,6 +241,8 @@ def run_sweep(overrides: list[str], argv: list[str], started_at: float) -> int:
     metric, mode = sw["metric"] or job.main_metric, sw["mode"] or job.mode
 
     preflight.check_tracking(trk["uri"])
+    for key in job.model_sources:
+        preflight.check_model_source(f"job.{key}", base["job"][key], trk["uri"])
     preflight.check_cluster(cl["address"])
     if cl["address"] is None:  # an unplaceable trial fails before anything starts
         launch.check_placeable(t, bool(t["use_gpu"]), launch.embedded_resources(cl))
@@ -414,6 +406,13 @@ def _run(
         log_final_model(trial_cfg, job, best["run_id"], best["checkpoint"])
     tracking.end_run(trk["uri"], parent_id, "FINISHED")
     _print_table(rows, metric, best, time.monotonic() - started)
+    failed = [r for r in rows if r["status"] == "FAILED"]
+    if failed:  # the sweep still has a best trial; say plainly that some did not make it
+        print(
+            f"warning: {len(failed)} of {len(rows)} trials FAILED; "
+            "each failed trial's MLflow run says why in its 'error' tag",
+            file=sys.stderr,
+        )
     return 0
 
 

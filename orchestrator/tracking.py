@@ -10,7 +10,9 @@ ends, the driver logs the final model and sets the terminal status.
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -21,6 +23,9 @@ log = logging.getLogger(__name__)
 PARAM_BATCH = 100  # MLflow's per-request limit for params
 METRIC_BATCH = 1000  # ... and for metrics
 MAX_PARAM_VALUE = 6000
+# MLflow's HTTP client retries a refused request 7 times with exponential backoff (minutes);
+# a training worker must not stall on an outage, so it fails fast and buffers instead.
+FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -131,6 +136,22 @@ def child_run(
     return run.info.run_id
 
 
+def reachable(uri: str) -> bool:
+    """Whether the tracking store answers now (a quick check, no retries)."""
+    if not uri.startswith(("http://", "https://")):
+        return True  # a database file or server: its errors are not outages we wait out
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5):
+            return True
+    except urllib.error.HTTPError:
+        return True  # something answered
+    except OSError:
+        return False
+
+
 def end_run(uri: str, run_id: str, status: str, error: str | None = None) -> None:
     """Set FINISHED / FAILED / KILLED. Never raises: this runs on the way out of failures."""
     try:
@@ -200,8 +221,8 @@ class NullMetricLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
-    def flush(self) -> None:
-        pass
+    def flush(self) -> bool:
+        return True
 
     def log_image(self, name: str, image: Any, epoch: int) -> None:
         self.artifacts.append(f"{name}/epoch_{epoch:03d}.png")
@@ -211,18 +232,29 @@ class NullMetricLogger:
 
 
 class MetricLogger:
-    """Buffers metrics on rank 0 and sends them in batches, idempotently across restarts.
+    """Buffers metrics on rank 0 and sends them in batches; never loses one, never sends one twice.
 
-    After a worker-group restart the loop replays from the latest checkpoint. Any step the
-    failed attempt already delivered is skipped (the replay is deterministic, so the values
-    are the same), which keeps every metric step present exactly once.
+    - Restarts: after a worker-group restart the loop replays from the latest checkpoint. Steps
+      the failed attempt already delivered are skipped (the replay is deterministic, so the
+      values are the same), which keeps every metric step present exactly once.
+    - Tracking-server outages: a flush that fails keeps the metrics and also writes them to
+      `spill_path` (on the run's checkpoint storage), so a restarted worker — or, if the server
+      never comes back in time, `orchestrate resume=<run id>` later — delivers them. Training
+      never waits on the server: HTTP requests fail fast instead of retrying for minutes.
     """
 
-    def __init__(self, uri: str, run_id: str):
+    def __init__(self, uri: str, run_id: str, spill_path: str | None = None):
+        if uri.startswith(("http://", "https://")):
+            for var, value in FAIL_FAST_HTTP.items():  # this worker process only
+                os.environ.setdefault(var, value)
         self.uri, self.run_id = uri, run_id
+        self.spill_path = Path(spill_path) if spill_path else None
         self.client = client(uri)
-        self.buffer: list[Any] = []
         self.delivered = self._delivered_steps()
+        # (key, step) -> Metric: a step replayed after a restart replaces, never duplicates.
+        self.pending: dict[tuple[str, int], Any] = {}
+        for metric in self._read_spill():
+            self._add(metric)
 
     def _delivered_steps(self) -> dict[str, int]:
         latest = self.client.get_run(self.run_id).data.metrics
@@ -231,13 +263,16 @@ class MetricLogger:
             for key in latest
         }
 
+    def _add(self, metric) -> None:
+        if metric.step > self.delivered.get(metric.key, -1):
+            self.pending[(metric.key, metric.step)] = metric
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         for key, value in metrics.items():
-            if step > self.delivered.get(key, -1):
-                self.buffer.append(Metric(key, float(value), now, step))
+            self._add(Metric(key, float(value), now, step))
 
     # Artifacts have fixed names per epoch, so a replay after a restart overwrites, never adds.
     def log_image(self, name: str, image: Any, epoch: int) -> None:
@@ -257,20 +292,53 @@ class MetricLogger:
         except Exception as exc:
             log.warning("could not log text %s: %s", name, exc)
 
-    def flush(self) -> None:
-        """Send what is buffered. On failure keep it and retry at the next flush."""
-        while self.buffer:
-            chunk = self.buffer[:METRIC_BATCH]
+    def flush(self) -> bool:
+        """Send what is pending, in step order. On failure keep it (in memory and in the spill
+        file) for the next flush. Returns whether everything has been delivered."""
+        batch = sorted(self.pending.values(), key=lambda m: (m.step, m.key))
+        for i in range(0, len(batch), METRIC_BATCH):
+            chunk = batch[i : i + METRIC_BATCH]
             try:
                 self.client.log_batch(self.run_id, metrics=chunk)
             except Exception as exc:
                 log.warning(
-                    "MLflow unreachable, keeping %d metrics for later: %s", len(self.buffer), exc
+                    "MLflow unreachable, keeping %d metrics for later: %s",
+                    len(self.pending),
+                    _first_line(exc),
                 )
-                return
+                self._write_spill()
+                return False
             for m in chunk:
                 self.delivered[m.key] = max(self.delivered.get(m.key, -1), m.step)
-            del self.buffer[: len(chunk)]
+                del self.pending[(m.key, m.step)]
+        if self.spill_path is not None:
+            self.spill_path.unlink(missing_ok=True)
+        return True
+
+    def _write_spill(self) -> None:
+        if self.spill_path is None:
+            return
+        lines = [
+            json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step})
+            for m in self.pending.values()
+        ]
+        self.spill_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.spill_path.with_name(self.spill_path.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n")
+        os.replace(tmp, self.spill_path)  # atomic: a crash mid-write keeps the previous file
+
+    def _read_spill(self) -> list[Any]:
+        from mlflow.entities import Metric
+
+        if self.spill_path is None or not self.spill_path.exists():
+            return []
+        rows = [json.loads(line) for line in self.spill_path.read_text().splitlines() if line]
+        return [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def config_yaml(cfg: dict[str, Any]) -> str:

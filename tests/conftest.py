@@ -200,3 +200,41 @@ def terminate(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The reliability figures (`make reliability`): faults injected and survived, invariant
+    violations, bad inputs tried and rejected cleanly. Printed whenever such tests ran."""
+    from tests.invariants import VIOLATIONS
+
+    counts = {"fault": [0, 0], "bad_input": [0, 0]}  # [tried, passed]
+    bad_input_seconds = []  # each bad-input test runs one command: its time to be rejected
+    for outcome in ("passed", "failed", "error"):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, "when", None) not in ("call", "setup"):
+                continue
+            if report.when == "setup" and outcome != "error":
+                continue
+            for marker, tally in counts.items():
+                if marker in getattr(report, "keywords", {}):
+                    tally[0] += 1
+                    tally[1] += outcome == "passed"
+                    if marker == "bad_input" and report.when == "call":
+                        bad_input_seconds.append(report.duration)
+    (faults, survived), (bad, rejected) = counts["fault"], counts["bad_input"]
+    if not faults and not bad:
+        return
+    line = (
+        f"faults injected: {faults}, survived: {survived}; invariant violations: {len(VIOLATIONS)}; "
+        f"bad inputs tried: {bad}, rejected cleanly: {rejected}"
+    )
+    if bad_input_seconds:
+        bad_input_seconds.sort()
+        line += f" (median {bad_input_seconds[len(bad_input_seconds) // 2]:.1f} s to reject)"
+    terminalreporter.write_sep("=", "reliability")
+    terminalreporter.write_line(line)
+    for violation in VIOLATIONS:
+        terminalreporter.write_line(f"  violation: {violation}")
+    out = Path("test-artifacts")
+    out.mkdir(exist_ok=True)
+    (out / "reliability.txt").write_text(line + "\n")

@@ -6,7 +6,6 @@ per session; the demo test runs exactly as a new user would, on an embedded Ray.
 
 from __future__ import annotations
 
-import signal
 from collections import Counter
 
 import mlflow
@@ -20,8 +19,6 @@ from tests.conftest import (
     start_cli,
     terminate,
     tracking_uri,
-    train_workers,
-    wait_for,
 )
 
 pytestmark = pytest.mark.slow
@@ -127,41 +124,7 @@ def test_mlp_tabular_default_is_accurate_and_deterministic(tmp_path, ray_head):
         assert a.data.metrics[key] == b.data.metrics[key], key
 
 
-def test_worker_killed_mid_training_resumes_in_same_run(tmp_path, ray_head):
-    proc = start_cli(
-        [
-            "job=cnn_digits",
-            "trainer.max_epochs=8",
-            "trainer.max_failures=1",
-            f"cluster.address={ray_head}",
-            "tracking.log_model=false",
-        ],
-        tmp_path,
-    )
-    try:
-        client = MlflowClient(tracking_uri(tmp_path))
-
-        def epochs_logged():
-            runs = runs_of(tmp_path)
-            return runs and len(client.get_metric_history(runs[0].info.run_id, "epoch")) >= 2
-
-        wait_for(epochs_logged, 240, "two epochs in MLflow", proc)
-        victims = train_workers()
-        assert len(victims) == 2
-        victims[-1].kill()
-        out, _ = proc.communicate(timeout=400)
-    finally:
-        terminate(proc)
-    assert proc.returncode == 0, out
-    assert "resumed from the checkpoint of epoch" in out  # Ray really restarted the group
-    (run,) = runs_of(tmp_path)
-    assert run.info.status == "FINISHED"
-    steps = assert_each_step_once(client, run.info.run_id)
-    per_epoch = steps["val/acc"][0]
-    assert steps["val/acc"] == [per_epoch * e for e in range(1, 9)]  # no gap, no repeat
-    assert steps["train/loss"] == list(range(10, 8 * per_epoch + 1, 10))
-
-
+@pytest.mark.fault
 def test_nonfinite_loss_marks_run_failed_without_retry(tmp_path, ray_head):
     out = run_cli(
         [
@@ -181,18 +144,4 @@ def test_nonfinite_loss_marks_run_failed_without_retry(tmp_path, ray_head):
     assert "epoch" not in run.data.metrics  # stopped in the first epoch; not retried
 
 
-def test_sigterm_to_driver_marks_run_killed_and_stops_workers(tmp_path, ray_head):
-    proc = start_cli(
-        ["job=cnn_digits", "trainer.max_epochs=50", f"cluster.address={ray_head}"], tmp_path
-    )
-    try:
-        wait_for(lambda: runs_of(tmp_path) and train_workers(), 240, "training to start", proc)
-        proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=120)
-    finally:
-        terminate(proc)
-    assert proc.returncode == 128 + signal.SIGTERM, out
-    assert "KILLED" in out
-    (run,) = runs_of(tmp_path)
-    assert run.info.status == "KILLED"
-    wait_for(lambda: not train_workers(), 60, "the run's workers to exit")
+# Worker and driver kills, SIGTERM and resume: tests/test_faults.py.

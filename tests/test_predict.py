@@ -107,6 +107,7 @@ def _pickled_copy(store) -> str:
     return f"runs:/{run.info.run_id}/model"
 
 
+@pytest.mark.bad_input
 @pytest.mark.parametrize(
     "args, message",
     [

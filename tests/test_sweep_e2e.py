@@ -105,6 +105,34 @@ def test_grid_sweep_of_8_trials_with_2_workers_each(tmp_path, ray_head):
     assert all(c.data.params["trainer.num_workers"] == "2" for c in children)
 
 
+@pytest.mark.fault
+def test_a_crashing_trial_fails_alone_and_the_sweep_goes_on(tmp_path, ray_head):
+    out = run_cli(
+        [
+            "-m",
+            "job=mlp_tabular",
+            "optim=sgd",
+            "optim.lr=1e-2,1e12",  # the second trial's loss blows up
+            "sweep.search=grid",
+            "trainer.num_workers=1",
+            "trainer.max_epochs=2",
+            "tracking.log_model=false",
+            f"cluster.address={ray_head}",
+        ],
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 of 2 trials FAILED" in out.stderr
+    parent, children = parent_and_children(tmp_path)
+    assert parent.info.status == "FINISHED"
+    by_status = sorted(c.info.status for c in children)
+    assert by_status == ["FAILED", "FINISHED"], by_status
+    (failed,) = [c for c in children if c.info.status == "FAILED"]
+    assert "non-finite" in failed.data.tags["error"]
+    wait_for(lambda: not train_workers(), 60, "the trials' workers to exit")
+
+
+@pytest.mark.fault
 def test_unplaceable_trials_fail_before_starting(tmp_path):
     out = run_cli(
         ["-m", "job=mlp_tabular", "trainer.num_workers=3", "optim.lr=1e-3,1e-2"], tmp_path
@@ -113,6 +141,7 @@ def test_unplaceable_trials_fail_before_starting(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+@pytest.mark.fault
 def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, ray_head):
     args = [
         "-m",
