@@ -522,7 +522,7 @@ def versions() -> dict[str, str]:
 def write(results: dict, out: Path, repeats: int) -> None:
     v = results["versions"]
     lines = [
-        f"# Performance vs hand-written torchrun DDP ({repeats} alternated repeats)",
+        f"# Performance vs hand-written torchrun DDP ({repeats} alternated repeats asked; n per row)",
         "",
         f"Machine: {v['cpus']} CPUs, {v['machine']}, GPU: {v['gpu']}; python {v['python']}, "
         f"torch {v['torch']}, ray {v['ray']}, mlflow {v['mlflow']}; one thread per worker.",
