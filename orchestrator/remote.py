@@ -142,7 +142,7 @@ def _as_user_error(exc: Exception, address: str, had_token: bool) -> UserError:
             f"the Ray cluster at {address} requires a token and none was given",
             "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token)",
         )
-    if "403" in text:
+    if "403" in text or "Forbidden" in text or "Invalid authentication token" in text:
         return UserError(
             "RAY_AUTH_TOKEN",
             f"the Ray cluster at {address} refused the token",
