@@ -202,7 +202,9 @@ def test_sigterm_then_resume_skips_a_corrupt_latest_checkpoint(tmp_path, ray_hea
         (run_dir(tmp_path, run_id) / "checkpoint_manager_snapshot.json").read_text()
     )
     latest = run_dir(tmp_path, run_id) / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-    others = [d for d in run_dir(tmp_path, run_id).glob("checkpoint_*") if d != latest]
+    others = [
+        d for d in run_dir(tmp_path, run_id).glob("checkpoint_*/") if d != latest and d.is_dir()
+    ]
     assert others, "no other checkpoint kept to fall back to"
     # The fallback is the newest intact one (a checkpoint written just as SIGTERM arrived,
     # complete but not yet registered by Ray, counts: its checksum proves it whole).

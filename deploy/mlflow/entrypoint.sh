@@ -7,7 +7,8 @@ set -eu
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set MLFLOW_AUTH_ADMIN_PASSWORD (the first admin account)}"
 : "${MLFLOW_FLASK_SERVER_SECRET_KEY:?set MLFLOW_FLASK_SERVER_SECRET_KEY (signs sessions and CSRF tokens)}"
 : "${MLFLOW_ALLOWED_HOSTS:?set MLFLOW_ALLOWED_HOSTS (the Host names clients use, e.g. mlflow:5000)}"
-DB="postgresql://${POSTGRES_USER:-mlflow}:${POSTGRES_PASSWORD}@${POSTGRES_HOST:-postgres}:5432/${POSTGRES_DB:-mlflow}"
+# +psycopg2: the driver this image installs (SQLAlchemy 2.1 reads bare postgresql:// as psycopg 3)
+DB="postgresql+psycopg2://${POSTGRES_USER:-mlflow}:${POSTGRES_PASSWORD}@${POSTGRES_HOST:-postgres}:5432/${POSTGRES_DB:-mlflow}"
 
 # The auth app reads its settings from a file: written at start, readable by this user only.
 umask 077
