@@ -217,7 +217,7 @@ def test_mlflow_server_runs_basic_auth_with_allowed_hosts_on_postgres():
     assert (
         "--app-name basic-auth" in script and '--allowed-hosts "${MLFLOW_ALLOWED_HOSTS}"' in script
     )
-    assert 'DB="postgresql://' in script and '--backend-store-uri "${DB}"' in script
+    assert 'DB="postgresql+psycopg2://' in script and '--backend-store-uri "${DB}"' in script
     assert "default_permission = NO_PERMISSIONS" in script
     compose = yaml.safe_load((DEPLOY / "mlflow" / "compose.yaml").read_text())
     assert compose["services"]["mlflow"]["ports"] == ["127.0.0.1:5000:5000"]
