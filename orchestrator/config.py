@@ -99,6 +99,9 @@ class TrackingConfig:
     register_as: str | None = None  # registered-model name; None = log, don't register
     alias: str = "champion"  # alias given to the newly registered version
     log_model: bool = True
+    # When training ends while the tracking server is unreachable, rank 0 keeps retrying the
+    # undelivered metrics this long before leaving them on disk for `orchestrate resume=<id>`.
+    outage_wait_s: float = 60.0
 
 
 @dataclass
@@ -328,4 +331,10 @@ def validate(cfg: dict[str, Any]) -> None:
         "tracking.alias",
         "must not be empty",
         "set tracking.alias=champion",
+    )
+    _require(
+        tr["outage_wait_s"] >= 0,
+        "tracking.outage_wait_s",
+        f"must be >= 0, got {tr['outage_wait_s']}",
+        "set e.g. tracking.outage_wait_s=60",
     )

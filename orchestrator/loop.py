@@ -333,6 +333,10 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
     # Wall time inside this function (setup included), to tell orchestration overhead apart.
     metrics_out.log({"time/loop_s": time.perf_counter() - loop_started}, step=global_step)
     delivered = metrics_out.flush()
+    give_up_at = time.monotonic() + cfg["tracking"]["outage_wait_s"]
+    while not delivered and time.monotonic() < give_up_at:  # the server may be restarting
+        time.sleep(2)
+        delivered = metrics_out.flush()
     result = LoopResult("finished", tcfg["max_epochs"], global_step, last)
     if not delivered:  # training is done and checkpointed; only the tracking server is missing
         where = os.path.join(str(run_dir), UNDELIVERED_METRICS)

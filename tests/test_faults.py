@@ -276,6 +276,8 @@ def server_record(server: MlflowServer):
 
 
 def test_tracking_server_down_mid_run_loses_no_metric(tmp_path, ray_head, reference, mlflow_server):
+    # The server is away longer than training takes: the metrics wait (up to
+    # tracking.outage_wait_s, default 60 s) for it to come back.
     args = [*JOB, f"cluster.address={ray_head}", f"tracking.uri={mlflow_server.uri}"]
     driver = Driver(args, tmp_path)
     client = MlflowClient(mlflow_server.uri)
@@ -297,7 +299,12 @@ def test_tracking_server_down_mid_run_loses_no_metric(tmp_path, ray_head, refere
 def test_tracking_server_gone_until_the_end_then_resume_delivers(
     tmp_path, ray_head, reference, mlflow_server
 ):
-    args = [*JOB, f"cluster.address={ray_head}", f"tracking.uri={mlflow_server.uri}"]
+    args = [
+        *JOB,
+        f"cluster.address={ray_head}",
+        f"tracking.uri={mlflow_server.uri}",
+        "tracking.outage_wait_s=5",  # then give up and keep the metrics on disk
+    ]
     driver = Driver(args, tmp_path)
     runs = wait_for(lambda: server_record_or_none(mlflow_server), 240, "the run", driver.proc)
     run_id = runs[0].info.run_id
