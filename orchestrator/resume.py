@@ -86,7 +86,8 @@ def reopen(cfg: dict[str, Any], run_id: str, run_dir: str) -> None:
     """Check the run can continue here with this config, then mark it RUNNING again."""
     uri = cfg["tracking"]["uri"]
     c = tracking.client(uri)
-    logged = c.get_run(run_id).data.params
+    run = c.get_run(run_id)  # one read: its params are compared, its tags cleaned up
+    logged = run.data.params
     now = tracking.flatten(cfg)
     differ = [k for k in sorted(logged) if not k.startswith(WHERE) and now.get(k) != logged[k]]
     if differ:  # MLflow params are immutable: the resumed run must be the same run
@@ -103,7 +104,7 @@ def reopen(cfg: dict[str, Any], run_id: str, run_dir: str) -> None:
             f"no checkpoints of run '{run_id}' at {run_dir}",
             "resume from the directory the job was started in, or set cluster.storage_path to where its checkpoints are",
         )
-    if "error" in c.get_run(run_id).data.tags:  # the reason it stopped no longer applies
+    if "error" in run.data.tags:  # the reason it stopped no longer applies
         c.delete_tag(run_id, "error")
     c.update_run(run_id, status="RUNNING")
 
