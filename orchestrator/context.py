@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 
 from orchestrator import checkpoint
+
+# The most often rank 0 sends a step event to the driver's progress display.
+STEP_EVENT_INTERVAL_S = 0.2
 
 
 class WorkerContext(Protocol):
@@ -72,6 +76,7 @@ class RayContext:
         self.device = ray.train.torch.get_device()
         self.queue = progress_queue
         self.checkpoint_note: str | None = None  # set when the latest checkpoint was unusable
+        self._last_step_event = float("-inf")
 
     def latest_checkpoint(self):
         import ray.train
@@ -98,17 +103,26 @@ class RayContext:
         if event.get("type") == "outcome":
             self.queue.put(event, timeout=60)  # the driver needs this one to set the run status
             return
+        if event.get("type") == "step":
+            # A display needs a few updates a second, not one per step; and the step loop must
+            # not wait for a round trip to the queue actor (`put_nowait` is a blocking ray.get).
+            now = time.monotonic()
+            if now - self._last_step_event < STEP_EVENT_INTERVAL_S:
+                return
+            self._last_step_event = now
+            self.queue.actor.put_nowait.remote(event)  # fire and forget
+            return
         try:  # never let a slow driver stall training: drop a progress tick if the queue is full
             self.queue.put_nowait(event)
         except Exception:
             pass
 
 
-def record_nodes(ctx: RayContext, tracking_uri: str, run_id: str | None) -> None:
-    """Tag the run with the node each rank runs on (`workers.nodes`, `workers.num_nodes`), so a
-    reviewer sees how the job was spread over the cluster. Every rank must call this: the node
-    names are gathered with one collective; rank 0 writes the tags (again after a restart,
-    when the placement may have changed)."""
+def node_tags(ctx: RayContext) -> dict[str, str]:
+    """The run's tags naming the node each rank runs on (`workers.nodes`, `workers.num_nodes`),
+    so a reviewer sees how the job was spread over the cluster. Every rank must call this: the
+    node names are gathered with one collective. Rank 0's loop sends them with its first
+    metrics (again after a restart, when the placement may have changed)."""
     import ray
     import torch.distributed as dist
 
@@ -118,14 +132,10 @@ def record_nodes(ctx: RayContext, tracking_uri: str, run_id: str | None) -> None
     if dist.is_available() and dist.is_initialized():
         nodes = [None] * ctx.world_size
         dist.all_gather_object(nodes, mine)
-    if ctx.rank != 0 or not run_id:
-        return
-    from orchestrator import tracking
-
-    tracking.client(tracking_uri).set_tag(
-        run_id, "workers.nodes", ", ".join(f"rank {r}: {n}" for r, n in enumerate(nodes))
-    )
-    tracking.client(tracking_uri).set_tag(run_id, "workers.num_nodes", str(len(set(nodes))))
+    return {
+        "workers.nodes": ", ".join(f"rank {r}: {n}" for r, n in enumerate(nodes)),
+        "workers.num_nodes": str(len(set(nodes))),
+    }
 
 
 @contextmanager

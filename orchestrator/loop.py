@@ -143,8 +143,29 @@ def _rank0_evaluate(
 # --- The loop -------------------------------------------------------------------------------
 
 
-def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> LoopResult:
+def run(
+    cfg: dict[str, Any],
+    ctx: WorkerContext,
+    run_id: str | None = None,
+    entered_at: float | None = None,
+    tags: dict[str, str] | None = None,
+) -> LoopResult:
+    """Train as `cfg` says. `run_id`: the MLflow run rank 0 logs to, with `tags` added;
+    `entered_at`: when the worker process entered its entry point (start-up phases)."""
     loop_started = time.perf_counter()
+    # Start-up phases, in seconds since `orchestrate` started, logged with the first step as
+    # startup/<phase>_s: where the time to the first step goes (benchmarks/performance.py).
+    started_at = cfg.get("launch", {}).get("started_at")
+    phases: dict[str, float] = {}
+
+    def phase(name: str, at: float | None = None) -> None:
+        if started_at is not None:
+            phases[f"startup/{name}_s"] = (at or time.time()) - started_at
+
+    if fit_called_at := cfg.get("launch", {}).get("fit_called_at"):
+        phase("fit_called", fit_called_at)  # the driver handed the job to Ray Train
+    if entered_at:
+        phase("worker_entered", entered_at)  # worker group up, process group initialised
     tcfg = cfg["trainer"]
     seed = cfg["seed"]
     torch.set_num_threads(tcfg["threads_per_worker"] or max(1, int(tcfg["cpus_per_worker"])))
@@ -154,9 +175,25 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
     jcfg = job_config(job, cfg["job"])
     device = ctx.device
 
+    run_dir = cfg.get("launch", {}).get("run_dir")  # the run's checkpoint storage, if local
+    if run_dir:
+        _record_process(run_dir, ctx.rank)
+    # Rank 0's MLflow client starts in the background while the data and model are built.
+    metrics_out: MetricLogger | NullMetricLogger = (
+        MetricLogger(
+            cfg["tracking"]["uri"],
+            run_id,
+            spill_path=os.path.join(run_dir, UNDELIVERED_METRICS) if run_dir else None,
+            tags=tags,
+        )
+        if (run_id and ctx.rank == 0)
+        else NullMetricLogger()
+    )
     # Setup: data (each worker builds it deterministically), model, optimizer, schedule.
     seed_everything(seed, 0, 0)  # same initial weights on every rank (DDP also broadcasts them)
+    phase("job_loaded")
     splits = job.build_data(jcfg)
+    phase("data_built")
     model = job.build_model(jcfg, splits).to(device)
     sampler: DistributedSampler = DistributedSampler(
         splits.train, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed
@@ -194,23 +231,12 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
         ctx.progress({"type": "resumed", "epoch": start_epoch, "step": global_step, "note": note})
 
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
-    run_dir = cfg.get("launch", {}).get("run_dir")  # the run's checkpoint storage, if local
-    if run_dir:
-        _record_process(run_dir, ctx.rank)
-    metrics_out: MetricLogger | NullMetricLogger = (
-        MetricLogger(
-            cfg["tracking"]["uri"],
-            run_id,
-            spill_path=os.path.join(run_dir, UNDELIVERED_METRICS) if run_dir else None,
-        )
-        if (run_id and ctx.rank == 0)
-        else NullMetricLogger()
-    )
+    phase("model_built")
     if job.references is not None and ctx.rank == 0:
         metrics_out.log(
             {f"baseline/{k}": v for k, v in job.references(jcfg, splits).items()}, step=0
         )
-    started_at = cfg.get("launch", {}).get("started_at")
+    phase("references_done")
     clip = tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
     last: dict[str, float] = {}
@@ -268,7 +294,8 @@ def run(cfg: dict[str, Any], ctx: WorkerContext, run_id: str | None = None) -> L
                 ema.update_parameters(model)
             global_step += 1
             if global_step == 1 and started_at is not None:
-                metrics_out.log({"startup/time_to_first_step_s": time.time() - started_at}, step=0)
+                phase("time_to_first_step")
+                metrics_out.log(phases, step=0)
             if global_step % tcfg["log_every_n_steps"] == 0:
                 window = all_reduce_sum(loss_sum.clone())
                 train_loss = (window[0] / window[1]).item()
@@ -362,11 +389,12 @@ def _record_process(run_dir: str, rank: int) -> None:
 
 def ray_train_fn(config: dict[str, Any]) -> None:
     """Entry point of each Ray Train worker."""
-    from orchestrator.context import RayContext, record_nodes
+    entered_at = time.time()
+    from orchestrator.context import RayContext, node_tags
 
     ctx = RayContext(config.get("progress"))
-    record_nodes(ctx, config["cfg"]["tracking"]["uri"], config.get("run_id"))
-    run(config["cfg"], ctx, config.get("run_id"))
+    tags = node_tags(ctx)
+    run(config["cfg"], ctx, config.get("run_id"), entered_at, tags)
 
 
 if __name__ == "__main__":  # single-process debugging without Ray or tracking

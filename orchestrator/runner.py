@@ -73,6 +73,7 @@ def run_job(
         f"Starting Ray ({'embedded, loopback only' if ccfg['address'] is None else ccfg['address']}) ...",
         flush=True,
     )
+    tracking.import_in_background(trk["uri"])  # overlaps Ray's start
     resources = launch.connect(ccfg)
     try:
         use_gpu = tcfg["use_gpu"] if tcfg["use_gpu"] is not None else resources.gpus > 0

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -52,6 +53,23 @@ def git_commit(repo_dir: Path) -> str | None:
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def import_in_background(uri: str) -> None:
+    """Import MLflow (seconds) in a thread while the caller waits on something else, such as Ray
+    starting. Modules only: nothing is created in the store, so a run refused later leaves
+    nothing behind."""
+    import importlib
+
+    modules = ["mlflow.tracking", "mlflow.entities"]
+    if uri.startswith("sqlite:"):
+        modules.append("mlflow.store.tracking.sqlalchemy_store")
+
+    def load() -> None:
+        for name in modules:
+            importlib.import_module(name)
+
+    threading.Thread(target=load, name="import-mlflow", daemon=True).start()
 
 
 def client(uri: str):
@@ -234,49 +252,71 @@ class NullMetricLogger:
 class MetricLogger:
     """Buffers metrics on rank 0 and sends them in batches; never loses one, never sends one twice.
 
+    - Start-up: the MLflow client (importing mlflow takes seconds) is made in a background
+      thread, so rank 0 builds its data and model meanwhile instead of keeping every other
+      rank waiting at DDP's first broadcast. Nothing is sent before the first `flush`.
     - Restarts: after a worker-group restart the loop replays from the latest checkpoint. Steps
       the failed attempt already delivered are skipped (the replay is deterministic, so the
       values are the same), which keeps every metric step present exactly once.
     - Tracking-server outages: a flush that fails keeps the metrics and also writes them to
       `spill_path` (on the run's checkpoint storage), so a restarted worker — or, if the server
       never comes back in time, `orchestrate resume=<run id>` later — delivers them. Training
-      never waits on the server: HTTP requests fail fast instead of retrying for minutes.
+      never waits on the server: HTTP requests fail fast instead of retrying for minutes. A
+      server that is down when the worker starts is just the first failed flush.
     """
 
-    def __init__(self, uri: str, run_id: str, spill_path: str | None = None):
+    def __init__(
+        self,
+        uri: str,
+        run_id: str,
+        spill_path: str | None = None,
+        tags: dict[str, str] | None = None,
+    ):
         if uri.startswith(("http://", "https://")):
             for var, value in FAIL_FAST_HTTP.items():  # this worker process only
                 os.environ.setdefault(var, value)
         self.uri, self.run_id = uri, run_id
         self.spill_path = Path(spill_path) if spill_path else None
-        self.client = client(uri)
-        self.delivered = self._delivered_steps()
-        # (key, step) -> Metric: a step replayed after a restart replaces, never duplicates.
-        self.pending: dict[tuple[str, int], Any] = {}
-        for metric in self._read_spill():
-            self._add(metric)
+        self.tags = dict(tags or {})  # sent with the first successful flush
+        # (key, step) -> (value, timestamp ms): a step replayed after a restart replaces it.
+        self.pending: dict[tuple[str, int], tuple[float, int]] = {}
+        for name, number, timestamp, step in self._read_spill():
+            self.pending[(name, step)] = (number, timestamp)
+        self.client: Any = None
+        self.delivered: dict[str, int] = {}
+        self._connecting = threading.Thread(
+            target=self._connect, name="mlflow-connect", daemon=True
+        )
+        self._connecting.start()
 
-    def _delivered_steps(self) -> dict[str, int]:
-        latest = self.client.get_run(self.run_id).data.metrics
-        return {
-            key: max(m.step for m in self.client.get_metric_history(self.run_id, key))
-            for key in latest
-        }
+    def _connect(self) -> None:
+        """Make the client and learn which steps an earlier attempt already delivered."""
+        try:
+            c = client(self.uri)
+            latest = c.get_run(self.run_id).data.metrics
+            self.delivered = {
+                key: max(m.step for m in c.get_metric_history(self.run_id, key)) for key in latest
+            }
+            self.client = c
+        except Exception as exc:  # the server is down: the next flush tries again
+            log.warning("MLflow unreachable at start, metrics kept for later: %s", _first_line(exc))
 
-    def _add(self, metric) -> None:
-        if metric.step > self.delivered.get(metric.key, -1):
-            self.pending[(metric.key, metric.step)] = metric
+    def _connected(self) -> bool:
+        self._connecting.join()
+        if self.client is None:
+            self._connect()
+        return self.client is not None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
         now = int(time.time() * 1000)
         for key, value in metrics.items():
-            self._add(Metric(key, float(value), now, step))
+            self.pending[(key, step)] = (float(value), now)
 
     # Artifacts have fixed names per epoch, so a replay after a restart overwrites, never adds.
     def log_image(self, name: str, image: Any, epoch: int) -> None:
         try:
+            if not self._connected():
+                raise ConnectionError("no MLflow client")
             if hasattr(image, "savefig"):  # a matplotlib figure
                 self.client.log_figure(self.run_id, image, f"{name}/epoch_{epoch:03d}.png")
             else:
@@ -288,6 +328,8 @@ class MetricLogger:
 
     def log_text(self, name: str, text: str, epoch: int) -> None:
         try:
+            if not self._connected():
+                raise ConnectionError("no MLflow client")
             self.client.log_text(self.run_id, text, f"{name}/epoch_{epoch:03d}.txt")
         except Exception as exc:
             log.warning("could not log text %s: %s", name, exc)
@@ -295,11 +337,25 @@ class MetricLogger:
     def flush(self) -> bool:
         """Send what is pending, in step order. On failure keep it (in memory and in the spill
         file) for the next flush. Returns whether everything has been delivered."""
-        batch = sorted(self.pending.values(), key=lambda m: (m.step, m.key))
-        for i in range(0, len(batch), METRIC_BATCH):
+        from mlflow.entities import Metric, RunTag
+
+        if not self._connected():
+            self._write_spill()
+            return False
+        for key, step in [k for k in self.pending if k[1] <= self.delivered.get(k[0], -1)]:
+            del self.pending[(key, step)]  # delivered by an attempt before a restart
+        batch = sorted(self.pending.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+        for i in range(0, max(len(batch), 1), METRIC_BATCH):
             chunk = batch[i : i + METRIC_BATCH]
+            tags = [RunTag(k, v) for k, v in self.tags.items()] if i == 0 else []
+            if not chunk and not tags:
+                break
             try:
-                self.client.log_batch(self.run_id, metrics=chunk)
+                self.client.log_batch(
+                    self.run_id,
+                    metrics=[Metric(key, value, ts, step) for (key, step), (value, ts) in chunk],
+                    tags=tags,
+                )
             except Exception as exc:
                 log.warning(
                     "MLflow unreachable, keeping %d metrics for later: %s",
@@ -308,9 +364,10 @@ class MetricLogger:
                 )
                 self._write_spill()
                 return False
-            for m in chunk:
-                self.delivered[m.key] = max(self.delivered.get(m.key, -1), m.step)
-                del self.pending[(m.key, m.step)]
+            self.tags = {}
+            for (key, step), _ in chunk:
+                self.delivered[key] = max(self.delivered.get(key, -1), step)
+                del self.pending[(key, step)]
         if self.spill_path is not None:
             self.spill_path.unlink(missing_ok=True)
         return True
@@ -319,21 +376,19 @@ class MetricLogger:
         if self.spill_path is None:
             return
         lines = [
-            json.dumps({"key": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step})
-            for m in self.pending.values()
+            json.dumps({"key": key, "value": value, "timestamp": ts, "step": step})
+            for (key, step), (value, ts) in self.pending.items()
         ]
         self.spill_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.spill_path.with_name(self.spill_path.name + ".tmp")
         tmp.write_text("\n".join(lines) + "\n")
         os.replace(tmp, self.spill_path)  # atomic: a crash mid-write keeps the previous file
 
-    def _read_spill(self) -> list[Any]:
-        from mlflow.entities import Metric
-
+    def _read_spill(self) -> list[tuple[str, float, int, int]]:
         if self.spill_path is None or not self.spill_path.exists():
             return []
         rows = [json.loads(line) for line in self.spill_path.read_text().splitlines() if line]
-        return [Metric(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows]
+        return [(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -83,6 +83,11 @@ def test_readme_demo_cnn_digits_embedded(tmp_path, ray_head):
         "startup/time_to_first_step_s",
     ):
         assert key in steps
+    # Where the start-up went, in order (seconds since `orchestrate` started).
+    phases = [run.data.metrics[f"startup/{p}_s"] for p in ("fit_called", "worker_entered",
+              "job_loaded", "data_built", "model_built", "references_done", "time_to_first_step")]  # fmt: skip
+    assert phases == sorted(phases) and phases[0] > 0
+    assert run.data.tags["workers.num_nodes"] == "1"
     assert run.data.params["trainer.num_workers"] == "2"
     assert run.data.params["job.name"] == "cnn_digits"
     assert run.data.tags["job"] == "cnn_digits"
