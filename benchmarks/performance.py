@@ -52,6 +52,8 @@ BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parent
 BASELINE = str(HERE / "torchrun_baseline.py")
 PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+# The start-up phases a run logs as startup/<phase>_s, in order.
+PHASES = ("fit_called", "worker_entered", "data_built", "model_built", "time_to_first_step")
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -143,6 +145,9 @@ def orchestrate(cfg: Settings, overrides: list[str], address: str | None, rss: b
     rates = [x.value for x in sorted(client.get_metric_history(run_id, "train/samples_per_s"),
                                      key=lambda x: x.step)]  # fmt: skip
     (first,) = client.get_metric_history(run_id, "startup/time_to_first_step_s")
+    metrics = client.get_run(run_id).data.metrics
+    # Seconds since orchestrate's main() started, per start-up phase (orchestrator/loop.py).
+    phases = {p: metrics[f"startup/{p}_s"] for p in PHASES if f"startup/{p}_s" in metrics}
     return {
         "samples_per_s": rates,
         # The metric's timestamp is when rank 0 logged it, right after the first step.
@@ -153,7 +158,8 @@ def orchestrate(cfg: Settings, overrides: list[str], address: str | None, rss: b
         # process group, data, model, first batch).
         "main_started_s": first.timestamp / 1000 - first.value - r["launched_at"],
         "run_created_s": client.get_run(run_id).info.start_time / 1000 - r["launched_at"],
-        "loop_s": client.get_run(run_id).data.metrics.get("time/loop_s"),
+        "loop_s": metrics.get("time/loop_s"),
+        "phases": phases,
         "wall_s": r["wall_s"],
         "rss": r["rss"],
     }
@@ -263,6 +269,8 @@ def b2_b6(cfg: Settings) -> dict:
                 "wall_s": summary([o["wall_s"] for o in runs]),
                 "main_started_s": summary([o["main_started_s"] for o in runs]),
                 "run_created_s": summary([o["run_created_s"] for o in runs]),
+                "phases_s": {p: summary([o["phases"][p] for o in runs])
+                             for p in PHASES if all(p in o["phases"] for o in runs)},
             }  # fmt: skip
         b2["torchrun"] = {
             "first_step_s": summary([b["first_step_s"] for b in base]),
@@ -467,6 +475,11 @@ def table(r: dict) -> list[str]:
             rows.append(f"| B2 | start-up split, {k}: launch → main() → MLflow run (Ray up) → "
                         f"first step | — | — | {x['main_started_s']['median']:.1f} → "
                         f"{x['run_created_s']['median']:.1f} → {x['first_step_s']['median']:.1f} s |")  # fmt: skip
+            if x.get("phases_s"):
+                steps = " → ".join(
+                    f"{p.replace('_', ' ')} {v['median']:.1f}" for p, v in x["phases_s"].items()
+                )
+                rows.append(f"| B2 | worker-side split, {k} (s since main()): {steps} | — | — | |")
             rows.append(f"| B2 | total wall, short job, {k}, orchestrate / torchrun | "
                         f"{fmt(x['wall_ratio'])} | — | {x['wall_s']['median']:.1f} / "
                         f"{t['wall_s']['median']:.1f} s |")  # fmt: skip

@@ -176,8 +176,6 @@ def run(
     device = ctx.device
 
     run_dir = cfg.get("launch", {}).get("run_dir")  # the run's checkpoint storage, if local
-    if run_dir:
-        _record_process(run_dir, ctx.rank)
     # Rank 0's MLflow client starts in the background while the data and model are built.
     metrics_out: MetricLogger | NullMetricLogger = (
         MetricLogger(
@@ -231,6 +229,8 @@ def run(
         ctx.progress({"type": "resumed", "epoch": start_epoch, "step": global_step, "note": note})
 
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    if run_dir:  # once set up: a fault drill that kills this pid hits the training itself
+        _record_process(run_dir, ctx.rank)
     phase("model_built")
     if job.references is not None and ctx.rank == 0:
         metrics_out.log(

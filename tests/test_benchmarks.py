@@ -58,3 +58,7 @@ def test_performance_runs_orchestrate_beside_torchrun_and_writes_its_table(tmp_p
     table = (tmp_path / "performance.md").read_text()
     assert "| B2 | launch → first optimizer step, cold" in table
     assert "| B6 | peak RSS, largest worker" in table
+    phases = results["B2"]["cold"]["phases_s"]  # where the start-up went, from the run itself
+    assert list(phases) == ["fit_called", "worker_entered", "data_built", "model_built",
+                            "time_to_first_step"]  # fmt: skip
+    assert "| B2 | worker-side split, cold" in table
