@@ -10,16 +10,12 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from contextlib import contextmanager
 from typing import Any, Protocol
 
 import torch
 
 from orchestrator import checkpoint
-
-# The most often rank 0 sends a step event to the driver's progress display.
-STEP_EVENT_INTERVAL_S = 0.2
 
 
 class WorkerContext(Protocol):
@@ -76,7 +72,6 @@ class RayContext:
         self.device = ray.train.torch.get_device()
         self.queue = progress_queue
         self.checkpoint_note: str | None = None  # set when the latest checkpoint was unusable
-        self._last_step_event = float("-inf")
 
     def latest_checkpoint(self):
         import ray.train
@@ -104,13 +99,9 @@ class RayContext:
             self.queue.put(event, timeout=60)  # the driver needs this one to set the run status
             return
         if event.get("type") == "step":
-            # A display needs a few updates a second, not one per step; and the step loop must
-            # not wait for a round trip to the queue actor (`put_nowait` is a blocking ray.get).
-            now = time.monotonic()
-            if now - self._last_step_event < STEP_EVENT_INTERVAL_S:
-                return
-            self._last_step_event = now
-            self.queue.actor.put_nowait.remote(event)  # fire and forget
+            # Fire and forget: the step loop must not wait for a round trip to the queue actor
+            # (`Queue.put_nowait` is a blocking ray.get). The loop sends a few a second at most.
+            self.queue.actor.put_nowait.remote(event)
             return
         try:  # never let a slow driver stall training: drop a progress tick if the queue is full
             self.queue.put_nowait(event)

@@ -34,6 +34,8 @@ from orchestrator.tracking import MetricLogger, NullMetricLogger
 
 # Metrics rank 0 could not deliver yet (tracking server down), kept beside the checkpoints.
 UNDELIVERED_METRICS = "undelivered_metrics.jsonl"
+# The most often rank 0 sends a step event to the progress display: a few a second is plenty.
+STEP_EVENT_INTERVAL_S = 0.2
 
 
 @dataclass
@@ -240,6 +242,15 @@ def run(
     clip = tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
     last: dict[str, float] = {}
+    next_step_event = 0.0  # monotonic time after which rank 0 sends the next step event
+
+    def log_windows(windows: list[torch.Tensor], logged: list[tuple[int, float, int]], extra):
+        """Reduce every rank's loss windows of this epoch in one collective and log them as
+        train/loss at their own steps and times; returns `extra`, reduced alongside."""
+        reduced = all_reduce_sum(torch.stack([extra, *windows]))
+        for (step, lr, at), (total, n) in zip(logged, reduced[1:].tolist(), strict=True):
+            metrics_out.log({"train/loss": total / n, "train/lr": lr}, step=step, timestamp_ms=at)
+        return reduced[0]
 
     for epoch in range(start_epoch, tcfg["max_epochs"]):
         seed_everything(seed, epoch + 1, ctx.rank)
@@ -250,6 +261,10 @@ def run(
             2, dtype=torch.float64, device=device
         )  # [sum, batches] this log window
         epoch_loss = torch.zeros(2, dtype=torch.float64, device=device)
+        # Logged steps' windows, kept on the device until the epoch ends: no collective and
+        # no host sync per logged step (MLflow receives them at the epoch's flush either way).
+        windows: list[torch.Tensor] = []
+        logged: list[tuple[int, float, int]] = []  # (step, lr, time in ms) per window
         samples = 0
         n_micro = min(len(train_loader), tcfg["limit_batches"] or len(train_loader))
         for micro, batch in enumerate(train_loader):
@@ -279,6 +294,7 @@ def run(
             # the same norm and stops together on NaN/inf, without an extra collective.
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             if not torch.isfinite(grad_norm):
+                log_windows(windows, logged, epoch_loss)  # every rank is here: safe to reduce
                 metrics_out.flush()
                 msg = (
                     f"non-finite loss or gradient (loss={loss.item():.4g}, grad norm={grad_norm.item():.4g}) "
@@ -297,25 +313,26 @@ def run(
                 phase("time_to_first_step")
                 metrics_out.log(phases, step=0)
             if global_step % tcfg["log_every_n_steps"] == 0:
-                window = all_reduce_sum(loss_sum.clone())
-                train_loss = (window[0] / window[1]).item()
-                epoch_loss += loss_sum
-                loss_sum.zero_()
                 lr = scheduler.get_last_lr()[0]
-                metrics_out.log({"train/loss": train_loss, "train/lr": lr}, step=global_step)
-                ctx.progress(
-                    {
-                        "type": "step",
-                        "epoch": epoch + 1,
-                        "epochs": tcfg["max_epochs"],
-                        "step": global_step,
-                        "steps_per_epoch": steps_per_epoch,
-                        "loss": train_loss,
-                        "lr": lr,
-                    }
-                )
+                windows.append(loss_sum.clone())
+                logged.append((global_step, lr, int(time.time() * 1000)))
+                epoch_loss += loss_sum
+                if ctx.rank == 0 and time.monotonic() >= next_step_event:
+                    next_step_event = time.monotonic() + STEP_EVENT_INTERVAL_S
+                    ctx.progress(
+                        {
+                            "type": "step",
+                            "epoch": epoch + 1,
+                            "epochs": tcfg["max_epochs"],
+                            "step": global_step,
+                            "steps_per_epoch": steps_per_epoch,
+                            "loss": (loss_sum[0] / loss_sum[1]).item(),  # rank 0's, for display
+                            "lr": lr,
+                        }
+                    )
+                loss_sum.zero_()
 
-        epoch_loss = all_reduce_sum(epoch_loss + loss_sum)
+        epoch_loss = log_windows(windows, logged, epoch_loss + loss_sum)
         evaluated = ema.module if ema is not None else model  # what is evaluated and deployed
         seconds = time.perf_counter() - epoch_start
         total_samples = all_reduce_sum(torch.tensor(float(samples), device=device)).item()

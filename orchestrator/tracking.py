@@ -236,7 +236,7 @@ class NullMetricLogger:
     def __init__(self) -> None:
         self.artifacts: list[str] = []
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
         pass
 
     def flush(self) -> bool:
@@ -307,8 +307,8 @@ class MetricLogger:
             self._connect()
         return self.client is not None
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
+    def log(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        now = timestamp_ms or int(time.time() * 1000)
         for key, value in metrics.items():
             self.pending[(key, step)] = (float(value), now)
 

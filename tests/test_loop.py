@@ -106,6 +106,27 @@ def test_job_hooks_log_references_and_artifacts_to_mlflow(tmp_path):
     assert files == ["confusion_matrix/epoch_002.png"]
 
 
+def test_step_losses_logged_at_the_epoch_end_keep_their_steps_times_and_average(tmp_path):
+    """train/loss is reduced once per epoch, not per step: each value still lands on its own
+    step with the time it was taken, and one epoch's values average to train/loss_epoch."""
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator import tracking
+
+    cfg = compose_config(FAST + ["trainer.max_epochs=1", "trainer.log_every_n_steps=1",
+                                 "trainer.limit_batches=6"])  # fmt: skip
+    cfg["tracking"]["uri"] = uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = tracking.create_run(uri, "loop-test", "windows", {}, {}, "")
+    result = run(cfg, LocalContext(), run_id)
+    history = sorted(
+        MlflowClient(uri).get_metric_history(run_id, "train/loss"), key=lambda m: m.step
+    )
+    assert [m.step for m in history] == [1, 2, 3, 4, 5, 6]
+    assert [m.timestamp for m in history] == sorted(m.timestamp for m in history)
+    mean = sum(m.value for m in history) / len(history)
+    assert mean == pytest.approx(result.metrics["train/loss_epoch"], rel=1e-9)
+
+
 def test_limit_batches_caps_steps_per_epoch():
     full = train(["trainer.max_epochs=1", "trainer.batch_size=16"])
     limited = train(["trainer.max_epochs=2", "trainer.batch_size=16", "trainer.limit_batches=3"])
