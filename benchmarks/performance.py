@@ -145,7 +145,8 @@ def orchestrate(cfg: Settings, overrides: list[str], address: str | None, rss: b
     rates = [x.value for x in sorted(client.get_metric_history(run_id, "train/samples_per_s"),
                                      key=lambda x: x.step)]  # fmt: skip
     (first,) = client.get_metric_history(run_id, "startup/time_to_first_step_s")
-    metrics = client.get_run(run_id).data.metrics
+    run = client.get_run(run_id)  # one read: metrics, phases and start time
+    metrics = run.data.metrics
     # Seconds since orchestrate's main() started, per start-up phase (orchestrator/loop.py).
     phases = {p: metrics[f"startup/{p}_s"] for p in PHASES if f"startup/{p}_s" in metrics}
     return {
@@ -157,7 +158,7 @@ def orchestrate(cfg: Settings, overrides: list[str], address: str | None, rss: b
         # run created (config, job import, Ray started or joined) → first step (worker group,
         # process group, data, model, first batch).
         "main_started_s": first.timestamp / 1000 - first.value - r["launched_at"],
-        "run_created_s": client.get_run(run_id).info.start_time / 1000 - r["launched_at"],
+        "run_created_s": run.info.start_time / 1000 - r["launched_at"],
         "loop_s": metrics.get("time/loop_s"),
         "phases": phases,
         "wall_s": r["wall_s"],

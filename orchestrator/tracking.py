@@ -345,11 +345,9 @@ class MetricLogger:
         for key, step in [k for k in self.pending if k[1] <= self.delivered.get(k[0], -1)]:
             del self.pending[(key, step)]  # delivered by an attempt before a restart
         batch = sorted(self.pending.items(), key=lambda kv: (kv[0][1], kv[0][0]))
-        for i in range(0, max(len(batch), 1), METRIC_BATCH):
-            chunk = batch[i : i + METRIC_BATCH]
-            tags = [RunTag(k, v) for k, v in self.tags.items()] if i == 0 else []
-            if not chunk and not tags:
-                break
+        chunks = [batch[i : i + METRIC_BATCH] for i in range(0, len(batch), METRIC_BATCH)]
+        for chunk in chunks or ([[]] if self.tags else []):  # tags go with the first batch
+            tags = [RunTag(k, v) for k, v in self.tags.items()]
             try:
                 self.client.log_batch(
                     self.run_id,

@@ -8,7 +8,7 @@ cluster ends with this process — and the cleaner costs: one more actor process
 at the end of every run Ray waits for it to stop, which takes ~12 s when its State API query
 is slow or missing (measured on 2 CPUs, with and without the dashboard).
 
-`_create_default_callbacks` is private Ray API (2.60): tests/test_launch_trainers.py checks
+`_create_default_callbacks` is private Ray API (2.60): tests/test_trainers.py checks
 that the embedded trainer drops exactly the cleaner and keeps every other callback, so a Ray
 upgrade that renames it fails a test instead of silently bringing the 12 s back.
 """
