@@ -84,25 +84,25 @@ def wait_epochs(client: MlflowClient, run_id: str, n: int, driver: Driver) -> No
     )
 
 
-def pid_of(cwd: Path, run_id: str, rank: int) -> int:
-    return json.loads((run_dir(cwd, run_id) / "workers" / f"rank-{rank}.json").read_text())["pid"]
-
-
-def kill_rank(cwd: Path, run_id: str, rank: int, not_pid: int | None = None) -> int:
-    """SIGKILL the process that is `rank` now (waiting for a restarted group to record itself)."""
+def kill_rank(cwd: Path, run_id: str, rank: int, started_after: float = 0.0) -> float:
+    """SIGKILL the process that is `rank` in a worker group that recorded itself after
+    `started_after` (the time of the previous kill: a process of the group that kill tears
+    down may still be alive for a moment, and must not be mistaken for the restarted one).
+    Returns the time of this kill."""
     path = run_dir(cwd, run_id) / "workers" / f"rank-{rank}.json"
 
     def current_pid():
         try:
-            pid = json.loads(path.read_text())["pid"]
+            info = json.loads(path.read_text())
         except (OSError, ValueError):
             return None
-        return pid if pid != not_pid and psutil.pid_exists(pid) else None
+        fresh = info["time"] > started_after and psutil.pid_exists(info["pid"])
+        return info["pid"] if fresh else None
 
     pid = wait_for(current_pid, 300, f"rank {rank}'s process")
     time.sleep(0.5)  # into the epoch's steps, past setup
     os.kill(pid, signal.SIGKILL)
-    return pid
+    return time.time()
 
 
 def disturbed_record(cwd: Path):
@@ -139,11 +139,10 @@ def test_rank0_killed_and_three_kills_within_max_failures(tmp_path, ray_head, re
     run_id = the_run_id(tmp_path, driver)
     client = MlflowClient(tracking_uri(tmp_path))
     wait_epochs(client, run_id, 1, driver)
-    first_rank1 = pid_of(tmp_path, run_id, 1)
-    killed = kill_rank(tmp_path, run_id, rank=0)  # rank 0: the one that logs to MLflow
-    kill_rank(tmp_path, run_id, rank=1, not_pid=first_rank1)  # the restarted group, at once
+    first = kill_rank(tmp_path, run_id, rank=0)  # rank 0: the one that logs to MLflow
+    second = kill_rank(tmp_path, run_id, rank=1, started_after=first)  # the restarted group
     wait_epochs(client, run_id, 2, driver)
-    kill_rank(tmp_path, run_id, rank=0, not_pid=killed)
+    kill_rank(tmp_path, run_id, rank=0, started_after=second)
     code, out = driver.wait()
     assert code == 0, out
     assert out.count("resumed from the checkpoint of epoch") == 3, out
@@ -156,7 +155,7 @@ def test_more_failures_than_max_failures_fail_the_run_with_the_cause(tmp_path, r
     run_id = the_run_id(tmp_path, driver)
     wait_epochs(MlflowClient(tracking_uri(tmp_path)), run_id, 1, driver)
     first = kill_rank(tmp_path, run_id, rank=1)
-    kill_rank(tmp_path, run_id, rank=1, not_pid=first)
+    kill_rank(tmp_path, run_id, rank=1, started_after=first)
     code, out = driver.wait()
     assert code == 1, out
     assert "marked FAILED" in out and "resume=" in out  # the cause and what to do next
