@@ -250,6 +250,7 @@ def fit(
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
 
+    from orchestrator import shared_data
     from orchestrator.loop import ray_train_fn
     from orchestrator.loopback import LoopbackTorchConfig
     from orchestrator.trainers import trainer_class
@@ -263,7 +264,13 @@ def fit(
     # trials by killing their controller (see trainers.py).
     trainer = trainer_class(embedded, sweep_trial=callbacks is not None)(
         ray_train_fn,
-        train_loop_config={"cfg": cfg, "run_id": run_id, "progress": progress_queue},
+        train_loop_config={
+            "cfg": cfg,
+            "run_id": run_id,
+            "progress": progress_queue,
+            # Built while Ray Train starts its workers, once for all of them.
+            "shared": shared_data.start(cfg),
+        },
         # gloo on CPU, NCCL on GPU: set explicitly so the choice is visible, not inferred.
         torch_config=torch_config_cls(backend="nccl" if use_gpu else "gloo"),
         scaling_config=ScalingConfig(

@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
+from orchestrator import shared_data
 from orchestrator.context import WorkerContext
 from orchestrator.job import EpochEnd, JobSpec, job_config, load_job
 from orchestrator.tracking import MetricLogger, NullMetricLogger
@@ -151,9 +152,12 @@ def run(
     run_id: str | None = None,
     entered_at: float | None = None,
     tags: dict[str, str] | None = None,
+    shared: dict[str, Any] | None = None,
 ) -> LoopResult:
     """Train as `cfg` says. `run_id`: the MLflow run rank 0 logs to, with `tags` added;
-    `entered_at`: when the worker process entered its entry point (start-up phases)."""
+    `entered_at`: when the worker process entered its entry point (start-up phases);
+    `shared`: the splits and reference scores built once for all workers (shared_data.py),
+    instead of building them here."""
     loop_started = time.perf_counter()
     # Start-up phases, in seconds since `orchestrate` started, logged with the first step as
     # startup/<phase>_s: where the time to the first step goes (benchmarks/performance.py).
@@ -189,10 +193,11 @@ def run(
         if (run_id and ctx.rank == 0)
         else NullMetricLogger()
     )
-    # Setup: data (each worker builds it deterministically), model, optimizer, schedule.
+    # Setup: data (built once for all workers, or here: deterministic either way), model,
+    # optimizer, schedule.
     seed_everything(seed, 0, 0)  # same initial weights on every rank (DDP also broadcasts them)
     phase("job_loaded")
-    splits = job.build_data(jcfg)
+    splits = shared_data.fetch(shared, "splits") if shared else job.build_data(jcfg)
     phase("data_built")
     model = job.build_model(jcfg, splits).to(device)
     sampler: DistributedSampler = DistributedSampler(
@@ -235,9 +240,8 @@ def run(
         _record_process(run_dir, ctx.rank)
     phase("model_built")
     if job.references is not None and ctx.rank == 0:
-        metrics_out.log(
-            {f"baseline/{k}": v for k, v in job.references(jcfg, splits).items()}, step=0
-        )
+        scores = shared_data.fetch(shared, "references") if shared else job.references(jcfg, splits)
+        metrics_out.log({f"baseline/{k}": v for k, v in scores.items()}, step=0)
     phase("references_done")
     clip = tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -411,7 +415,7 @@ def ray_train_fn(config: dict[str, Any]) -> None:
 
     ctx = RayContext(config.get("progress"))
     tags = node_tags(ctx)
-    run(config["cfg"], ctx, config.get("run_id"), entered_at, tags)
+    run(config["cfg"], ctx, config.get("run_id"), entered_at, tags, config.get("shared"))
 
 
 if __name__ == "__main__":  # single-process debugging without Ray or tracking

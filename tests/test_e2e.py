@@ -149,4 +149,19 @@ def test_nonfinite_loss_marks_run_failed_without_retry(tmp_path, ray_head):
     assert "epoch" not in run.data.metrics  # stopped in the first epoch; not retried
 
 
+def test_a_value_only_build_data_rejects_fails_the_run_with_the_jobs_own_message(
+    tmp_path, ray_head
+):
+    """The data is built by a Ray task beside the driver (shared_data.py), not in the workers:
+    a job's own ValueError must still reach the user as itself, not as Ray's task wrapper."""
+    out = run_cli(
+        ["job=ssm_selective_copy", "job.num_tokens=999", f"cluster.address={ray_head}"], tmp_path
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    cause = "job.num_tokens must be in [1, job.seq_len], got 999"
+    assert "training failed" in out.stderr and cause in out.stderr, out.stderr
+    (run,) = runs_of(tmp_path)
+    assert run.info.status == "FAILED" and cause in run.data.tags["error"]
+
+
 # Worker and driver kills, SIGTERM and resume: tests/test_faults.py.
