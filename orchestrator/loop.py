@@ -239,9 +239,26 @@ def run(
     if run_dir:  # once set up: a fault drill that kills this pid hits the training itself
         _record_process(run_dir, ctx.rank)
     phase("model_built")
-    if job.references is not None and ctx.rank == 0:
-        scores = shared_data.fetch(shared, "references") if shared else job.references(jcfg, splits)
+    # Rank 0's reference scores (baseline/*, at step 0). Built here, they are computed now;
+    # built by a task (shared), they are logged once ready, at an epoch's end at the latest
+    # after the last one: a slow baseline (ssm_selective_copy's: ~20 s) no longer holds
+    # every rank back from the first step.
+    references_pending = job.references is not None and ctx.rank == 0
+
+    def log_references(wait: bool) -> None:
+        nonlocal references_pending
+        if not references_pending or job.references is None:
+            return
+        if shared is None:
+            scores = job.references(jcfg, splits)
+        elif wait or shared_data.ready(shared, "references"):
+            scores = shared_data.fetch(shared, "references")
+        else:
+            return
+        references_pending = False
         metrics_out.log({f"baseline/{k}": v for k, v in scores.items()}, step=0)
+
+    log_references(wait=not shared)
     phase("references_done")
     clip = tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -354,6 +371,7 @@ def run(
                 )
             )
         metrics_out.log(last, step=global_step)
+        log_references(wait=epoch + 1 == tcfg["max_epochs"])
         metrics_out.flush()
         state = None
         if ctx.rank == 0:
@@ -378,6 +396,7 @@ def run(
             }
         )
 
+    log_references(wait=True)  # a resume that starts past the last epoch still logs them
     # Wall time inside this function (setup included), to tell orchestration overhead apart.
     metrics_out.log({"time/loop_s": time.perf_counter() - loop_started}, step=global_step)
     delivered = metrics_out.flush()

@@ -8,25 +8,35 @@ starting its controller and workers (~13 s on 2 cores), and the workers then fet
 results from the object store. Jobs are unchanged: the same `build_data`, in another process.
 
 The tasks take 0 CPUs: on a small cluster the workers' placement group needs every CPU,
-and a task holding one would delay the very start-up it is meant to hide behind.
+and a task holding one would delay the very start-up it is meant to hide behind. For the same
+reason they run at a lower CPU priority (nice 10), so they use the idle moments of the
+start-up rather than compete with it, each in a process of its own that exits afterwards
+(`max_calls=1`: the lowered priority and the imports go with it, not into Ray's worker pool).
+Reference scores only need to be logged, not waited for: rank 0 logs them when ready.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from orchestrator.job import Splits, job_config, load_job
+
+# Background work: yield the CPU to the processes starting the workers (see above).
+_NICENESS = 10
 
 
 def _build_data(job_section: dict[str, Any], seed: int) -> Splits:
     from orchestrator.loop import seed_everything
 
+    os.nice(_NICENESS)
     job = load_job(job_section["name"])
     seed_everything(seed, 0, 0)  # as the worker seeded before it built the data itself
     return job.build_data(job_config(job, job_section))
 
 
 def _references(job_section: dict[str, Any], splits: Splits) -> dict[str, float]:
+    os.nice(_NICENESS)
     job = load_job(job_section["name"])
     assert job.references is not None  # start() only asks for them when the job has some
     return job.references(job_config(job, job_section), splits)
@@ -37,14 +47,21 @@ def start(cfg: dict[str, Any]) -> dict[str, Any]:
     their object refs by name, for the workers' `fetch`."""
     import ray
 
-    refs: dict[str, Any] = {
-        "splits": ray.remote(num_cpus=0)(_build_data).remote(cfg["job"], cfg["seed"])
-    }
+    in_background = ray.remote(num_cpus=0, max_calls=1)
+    refs: dict[str, Any] = {"splits": in_background(_build_data).remote(cfg["job"], cfg["seed"])}
     if load_job(cfg["job"]["name"]).references is not None:
         # The splits ref as an argument: Ray hands the task the built splits, not a copy of
         # the work.
-        refs["references"] = ray.remote(num_cpus=0)(_references).remote(cfg["job"], refs["splits"])
+        refs["references"] = in_background(_references).remote(cfg["job"], refs["splits"])
     return refs
+
+
+def ready(refs: dict[str, Any], name: str) -> bool:
+    """Whether the task's result `name` can be fetched without waiting."""
+    import ray
+
+    done, _ = ray.wait([refs[name]], timeout=0)
+    return bool(done)
 
 
 def fetch(refs: dict[str, Any], name: str) -> Any:
