@@ -240,25 +240,23 @@ def run(
         _record_process(run_dir, ctx.rank)
     phase("model_built")
     # Rank 0's reference scores (baseline/*, at step 0). Built here, they are computed now;
-    # built by a task (shared), they are logged once ready, at an epoch's end at the latest
-    # after the last one: a slow baseline (ssm_selective_copy's: ~20 s) no longer holds
-    # every rank back from the first step.
+    # built by a task (shared), they are logged by the first check that finds them ready (here,
+    # then at each epoch end) and waited for only as the loop returns: a slow baseline
+    # (ssm_selective_copy's: ~20 s) no longer holds every rank back from the first step.
     references_pending = job.references is not None and ctx.rank == 0
 
     def log_references(wait: bool) -> None:
         nonlocal references_pending
-        if not references_pending or job.references is None:
+        if not references_pending or (
+            shared and not wait and not shared_data.ready(shared, "references")
+        ):
             return
-        if shared is None:
-            scores = job.references(jcfg, splits)
-        elif wait or shared_data.ready(shared, "references"):
-            scores = shared_data.fetch(shared, "references")
-        else:
-            return
-        references_pending = False
+        assert job.references is not None  # pending only for a job that has them
+        scores = shared_data.fetch(shared, "references") if shared else job.references(jcfg, splits)
         metrics_out.log({f"baseline/{k}": v for k, v in scores.items()}, step=0)
+        references_pending = False
 
-    log_references(wait=not shared)
+    log_references(wait=not shared)  # computed here: now; from the task: if already done
     phase("references_done")
     clip = tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -316,6 +314,7 @@ def run(
             grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
             if not torch.isfinite(grad_norm):
                 log_windows(windows, logged, epoch_loss)  # every rank is here: safe to reduce
+                log_references(wait=True)
                 metrics_out.flush()
                 msg = (
                     f"non-finite loss or gradient (loss={loss.item():.4g}, grad norm={grad_norm.item():.4g}) "
@@ -371,7 +370,7 @@ def run(
                 )
             )
         metrics_out.log(last, step=global_step)
-        log_references(wait=epoch + 1 == tcfg["max_epochs"])
+        log_references(wait=False)
         metrics_out.flush()
         state = None
         if ctx.rank == 0:
@@ -396,7 +395,7 @@ def run(
             }
         )
 
-    log_references(wait=True)  # a resume that starts past the last epoch still logs them
+    log_references(wait=True)
     # Wall time inside this function (setup included), to tell orchestration overhead apart.
     metrics_out.log({"time/loop_s": time.perf_counter() - loop_started}, step=global_step)
     delivered = metrics_out.flush()
