@@ -167,10 +167,19 @@ def orchestrate(cfg: Settings, overrides: list[str], address: str | None, rss: b
 
 
 def torchrun(cfg: Settings, workers: int, args: list[str], rss: bool = False) -> dict:
-    launched = f"{time.time():.6f}"
-    cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={workers}", BASELINE,
-           *args, "--launch-ts", launched]  # fmt: skip
-    r = launch(cmd, cfg.workdir, environment(), "torchrun_baseline.py" if rss else None)
+    for attempt in (1, 2):
+        launched = f"{time.time():.6f}"
+        cmd = [str(BIN / "torchrun"), "--standalone", f"--nproc-per-node={workers}", BASELINE,
+               *args, "--launch-ts", launched]  # fmt: skip
+        try:
+            r = launch(cmd, cfg.workdir, environment(), "torchrun_baseline.py" if rss else None)
+            break
+        except SystemExit as failed:
+            # Seen once in a B2 run: rank 0 aborted in gloo's teardown after its result line
+            # ("terminate called without an active exception"). A rerun beats losing the run.
+            if attempt == 2:
+                raise
+            print(f"  torchrun baseline failed, running it again: {str(failed)[:200]}", flush=True)
     line = next(ln for ln in r["out"].splitlines() if ln.startswith("BASELINE_RESULT "))
     result = json.loads(line.split(" ", 1)[1])
     return {**result, "wall_s": r["wall_s"], "rss": r["rss"]}
