@@ -14,6 +14,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -200,6 +202,29 @@ def terminate(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
+
+
+@contextmanager
+def training_under_way(args: list[str], cwd: Path, timeout: float) -> Iterator[subprocess.Popen]:
+    """`orchestrate *args` (tracking to `cwd`), handed over once a run has logged its first
+    epoch (its workers and process group exist); stopped with SIGTERM afterwards, as a user
+    would, so it marks its runs KILLED and shuts its Ray down."""
+    proc = start_cli([*args, f"tracking.uri={tracking_uri(cwd)}"], cwd)
+    try:
+        wait_for(
+            lambda: any("train/loss_epoch" in r.data.metrics for r in runs_of(cwd)),
+            timeout,
+            "the first epoch",
+            proc,
+        )
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(120)
+            except Exception:
+                terminate(proc)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -16,7 +16,6 @@ import ast
 import hashlib
 import ipaddress
 import json
-import signal
 from pathlib import Path
 
 import psutil
@@ -24,7 +23,7 @@ import pytest
 import torch
 
 from orchestrator import checkpoint
-from tests.conftest import runs_of, start_cli, terminate, tracking_uri, wait_for
+from tests.conftest import training_under_way
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCES = sorted([*(ROOT / "orchestrator").rglob("*.py"), *(ROOT / "jobs").rglob("*.py")])
@@ -56,40 +55,23 @@ def is_loopback(ip: str) -> bool:
 
 @pytest.mark.slow
 def test_embedded_run_listens_on_loopback_only(tmp_path):
-    proc = start_cli(
-        [
-            "-m",
-            "job=mlp_tabular",
-            "sweep.num_samples=1",
-            "optim.lr=choice(3e-3)",  # a one-point space: one trial
-            "trainer.num_workers=2",
-            "trainer.max_epochs=1000",  # still training while we look
-            f"tracking.uri={tracking_uri(tmp_path)}",
-        ],
-        tmp_path,
-    )
-    try:
-        # Training is under way (DDP's process group and its store exist) once metrics arrive.
-        wait_for(
-            lambda: any("train/loss_epoch" in r.data.metrics for r in runs_of(tmp_path)),
-            420,
-            "the trial's first epoch",
-            proc,
-        )
+    args = [
+        "-m",
+        "job=mlp_tabular",
+        "sweep.num_samples=1",
+        "optim.lr=choice(3e-3)",  # a one-point space: one trial
+        "trainer.num_workers=2",
+        "trainer.max_epochs=1000",  # still training while we look
+    ]
+    # Training under way: DDP's process group and its store exist.
+    with training_under_way(args, tmp_path, timeout=420) as proc:
         sockets = listening(psutil.Process(proc.pid))
-        exposed = [s for s in sockets if not is_loopback(s[1])]
-        assert not exposed, f"listening beyond loopback: {exposed}"
-        # Not vacuous: Ray's GCS, the dashboard and the DDP workers were all looked at.
-        names = " ".join(name for name, _, _ in sockets)
-        for part in ("gcs_server", "dashboard/dashboard.py", "RayTrainWorker"):
-            assert part in names, f"no listening socket of {part} among {sockets}"
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # the sweep marks its runs KILLED and shuts Ray down
-            try:
-                proc.wait(120)
-            except Exception:
-                terminate(proc)
+    exposed = [s for s in sockets if not is_loopback(s[1])]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+    # Not vacuous: Ray's GCS, the dashboard and the DDP workers were all looked at.
+    names = " ".join(name for name, _, _ in sockets)
+    for part in ("gcs_server", "dashboard/dashboard.py", "RayTrainWorker"):
+        assert part in names, f"no listening socket of {part} among {sockets}"
 
 
 def torch_load_calls(path: Path) -> list[ast.Call]:

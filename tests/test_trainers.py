@@ -1,36 +1,110 @@
-"""The trainer class each kind of run gets (orchestrator/trainers.py), built without a cluster."""
+"""The trainer class each kind of run gets (orchestrator/trainers.py): what it leaves out of Ray
+Train's defaults, checked on the classes and on a real embedded run's processes."""
 
 from __future__ import annotations
 
+import psutil
+import pytest
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import (
     PlacementGroupCleanerCallback,
 )
+from ray.train.v2._internal.execution.scaling_policy import (
+    FixedScalingPolicy,
+    NoopDecision,
+    ResizeDecision,
+    create_scaling_policy,
+)
 
-from orchestrator.trainers import EmbeddedTorchTrainer, trainer_class
+from orchestrator.trainers import (
+    EmbeddedSweepTrialTrainer,
+    EmbeddedTorchTrainer,
+    FixedScalingWithoutAutoscaler,
+    JobTorchTrainer,
+    trainer_class,
+)
+from tests.conftest import training_under_way
+
+
+def _trainer(cls, tmp_path):
+    return cls(
+        lambda config: None,
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name="t", storage_path=str(tmp_path)),
+    )
 
 
 def _callbacks(cls, tmp_path) -> list[type]:
-    trainer = cls(
-        lambda config: None,
-        scaling_config=ScalingConfig(num_workers=1),
-        run_config=RunConfig(name="t", storage_path=str(tmp_path)),
-    )
-    return [type(c) for c in trainer._create_default_callbacks()]
+    return [type(c) for c in _trainer(cls, tmp_path)._create_default_callbacks()]
 
 
-def test_the_embedded_trainer_drops_exactly_the_placement_group_cleaner(tmp_path):
+def test_each_trainer_drops_exactly_what_its_runs_do_not_need(tmp_path):
     ray_default = _callbacks(TorchTrainer, tmp_path)
-    embedded = _callbacks(EmbeddedTorchTrainer, tmp_path)
-    # If a Ray upgrade renames the callback, this fails instead of the 12 s coming back.
-    assert PlacementGroupCleanerCallback in ray_default
-    assert embedded == [c for c in ray_default if c is not PlacementGroupCleanerCallback]
+    # If a Ray upgrade renames a callback, this fails instead of its cost coming back.
+    assert DatasetsCallback in ray_default and PlacementGroupCleanerCallback in ray_default
+    no_datasets = [c for c in ray_default if c is not DatasetsCallback]
+    assert _callbacks(JobTorchTrainer, tmp_path) == no_datasets
+    assert _callbacks(EmbeddedSweepTrialTrainer, tmp_path) == no_datasets
+    assert _callbacks(EmbeddedTorchTrainer, tmp_path) == [
+        c for c in no_datasets if c is not PlacementGroupCleanerCallback
+    ]
 
 
-def test_only_single_jobs_on_embedded_ray_leave_out_the_cleaner():
+def test_only_the_embedded_cluster_skips_autoscaler_requests(tmp_path):
+    ray_default = create_scaling_policy(ScalingConfig(num_workers=2))
+    assert type(ray_default) is FixedScalingPolicy
+    # A real cluster may have an autoscaler that reads them: Ray's policy, untouched.
+    assert _trainer(JobTorchTrainer, tmp_path).scaling_policy(ray_default) is ray_default
+    for cls in (EmbeddedTorchTrainer, EmbeddedSweepTrialTrainer):
+        policy = _trainer(cls, tmp_path).scaling_policy(ray_default)
+        assert type(policy) is FixedScalingWithoutAutoscaler
+        assert policy.scaling_config is ray_default.scaling_config
+
+
+def test_the_policy_without_autoscaler_decides_like_rays_without_a_coordinator():
+    config = ScalingConfig(num_workers=2)
+    # Ray's own needs the coordinator created at controller start before any decision...
+    with pytest.raises(AssertionError):
+        FixedScalingPolicy(config).make_decision_for_non_running_worker_group()
+    # ... ours creates none and makes the same decisions.
+    policy = FixedScalingWithoutAutoscaler(config)
+    policy.after_controller_start(None)
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert decision == ResizeDecision(num_workers=2, resources_per_worker={"CPU": 1})
+    assert isinstance(policy.make_decision_for_running_worker_group(None, None), NoopDecision)
+    assert policy._coordinator_client is None
+
+
+def test_trainer_class_per_kind_of_run():
     assert trainer_class(embedded=True, sweep_trial=False) is EmbeddedTorchTrainer
     # Tune stops a sweep trial by killing its controller: the cleaner frees its CPUs.
-    assert trainer_class(embedded=True, sweep_trial=True) is TorchTrainer
-    # A long-lived cluster outlives this driver: keep Ray's guard.
-    assert trainer_class(embedded=False, sweep_trial=False) is TorchTrainer
+    assert trainer_class(embedded=True, sweep_trial=True) is EmbeddedSweepTrialTrainer
+    # A long-lived cluster outlives this driver and may autoscale: keep Ray's guard and requests.
+    assert trainer_class(embedded=False, sweep_trial=False) is JobTorchTrainer
+    assert trainer_class(embedded=False, sweep_trial=True) is JobTorchTrainer
+
+
+def _process_titles(root: psutil.Process) -> str:
+    """Every descendant's title: Ray names an actor's process `ray::<Class>[.<method>]`."""
+    titles = []
+    for p in root.children(recursive=True):
+        try:
+            titles.append(" ".join(p.cmdline()))
+        except psutil.Error:  # ended meanwhile
+            continue
+    return "\n".join(titles)
+
+
+@pytest.mark.slow
+def test_an_embedded_job_starts_no_helper_it_does_not_need(tmp_path):
+    args = ["job=mlp_tabular", "trainer.num_workers=2", "trainer.max_epochs=1000"]
+    # Every helper that would be started is started before the first epoch ends.
+    with training_under_way(args, tmp_path, timeout=300) as proc:
+        titles = _process_titles(psutil.Process(proc.pid))
+    # Not vacuous: the run's own Ray Train actors are seen by their process titles.
+    for actor in ("ray::TrainController", "ray::RayTrainWorker", "ray::SynchronizationActor"):
+        assert actor in titles, f"{actor} not among:\n{titles}"
+    for helper in ("DatasetManager", "AutoscalingCoordinator", "PlacementGroupCleaner"):
+        assert helper not in titles, f"{helper} started:\n{titles}"
