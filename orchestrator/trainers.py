@@ -62,8 +62,8 @@ class JobTorchTrainer(TorchTrainer):
         return FixedScalingWithoutAutoscaler(ray_default.scaling_config)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
-        policy = controller_init_kwargs["scaling_policy"]
-        controller_init_kwargs["scaling_policy"] = self.scaling_policy(policy)
+        ray_default = controller_init_kwargs["scaling_policy"]
+        controller_init_kwargs["scaling_policy"] = self.scaling_policy(ray_default)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
 
 
