@@ -26,7 +26,14 @@ _POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 # Only for the embedded cluster, which lives and dies with this process on this machine: no
 # cloud can preempt it (the preemption watcher is one more actor process per run) and nothing
 # scrapes its Prometheus metrics. Each process saved is ~1 s of start-up on a small machine.
-_EMBEDDED_ENV = {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0", "RAY_TRAIN_METRICS_ENABLED": "0"}
+# The last one Ray Train sets for its controller alone (an async actor that blocks on
+# purpose); here every process inherits it, so the controller needs no runtime env of its own
+# (orchestrator/trainers.py).
+_EMBEDDED_ENV = {
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+    "RAY_TRAIN_METRICS_ENABLED": "0",
+    "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
+}
 
 
 @dataclass

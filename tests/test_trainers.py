@@ -3,6 +3,10 @@ Train's defaults, checked on the classes and on a real embedded run's processes.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import psutil
 import pytest
 from ray.train import RunConfig, ScalingConfig
@@ -104,7 +108,71 @@ def test_an_embedded_job_starts_no_helper_it_does_not_need(tmp_path):
     with training_under_way(args, tmp_path, timeout=300) as proc:
         titles = _process_titles(psutil.Process(proc.pid))
     # Not vacuous: the run's own Ray Train actors are seen by their process titles.
-    for actor in ("ray::TrainController", "ray::RayTrainWorker", "ray::SynchronizationActor"):
+    # (The controller is Ray's TrainController or, embedded, our EmbeddedTrainController.)
+    for actor in ("TrainController", "ray::RayTrainWorker", "ray::SynchronizationActor"):
         assert actor in titles, f"{actor} not among:\n{titles}"
     for helper in ("DatasetManager", "AutoscalingCoordinator", "PlacementGroupCleaner"):
         assert helper not in titles, f"{helper} started:\n{titles}"
+
+
+# Run in a process of its own: an embedded Ray started as `orchestrate` starts it, then one tiny
+# fit with our embedded trainer and one with Ray's; each worker and the controller (through a
+# user callback, which runs there) write what runtime env they got and the driver's poll setting.
+_RUNTIME_ENVS = r"""
+import json, os, pathlib, sys
+import ray
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from ray.train.v2.api.callback import UserCallback
+from orchestrator.launch import connect
+from orchestrator.trainers import EmbeddedTorchTrainer
+
+def record(path):
+    seen = {"runtime_env": dict(ray.get_runtime_context().runtime_env),
+            "poll": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+    pathlib.Path(path).write_text(json.dumps(seen))
+
+def train_fn(config):
+    record(f"{config['out']}/worker-{ray.train.get_context().get_world_rank()}.json")
+    ray.train.report({"done": 1})
+
+class RecordController(UserCallback):
+    def __init__(self, out):
+        self.out = out
+    def after_report(self, run_context, metrics, checkpoint):
+        record(f"{self.out}/controller.json")
+
+connect({"address": None, "num_cpus": 2, "show_worker_logs": False})
+root = pathlib.Path(sys.argv[1])
+for cls in (EmbeddedTorchTrainer, TorchTrainer):
+    out = root / cls.__name__
+    out.mkdir()
+    cls(train_fn, train_loop_config={"out": str(out)},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(name=cls.__name__, storage_path=str(root / "storage"),
+                             callbacks=[RecordController(str(out))])).fit()
+"""
+
+
+@pytest.mark.slow
+def test_embedded_controller_and_workers_inherit_the_driver_env_without_a_runtime_env(tmp_path):
+    script = tmp_path / "runtime_envs.py"
+    script.write_text(_RUNTIME_ENVS)
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    def seen(trainer: str) -> dict[str, dict]:
+        files = sorted((tmp_path / trainer).glob("*.json"))
+        return {f.stem: json.loads(f.read_text()) for f in files}
+
+    ours, rays = seen("EmbeddedTorchTrainer"), seen("TorchTrainer")
+    assert sorted(ours) == sorted(rays) == ["controller", "worker-0", "worker-1"]
+    for process, got in ours.items():
+        # No runtime env: any idle Ray worker process can serve; the setting still arrives.
+        assert got == {"runtime_env": {}, "poll": "0.25"}, process
+    # Not vacuous: Ray's own trainer carries the same setting in a runtime env of their own.
+    for process, got in rays.items():
+        assert got["runtime_env"]["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25"
+        assert got["poll"] == "0.25", process
