@@ -124,7 +124,7 @@ import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2.api.callback import UserCallback
-from orchestrator.launch import connect
+from orchestrator.launch import connect, shutdown
 from orchestrator.trainers import EmbeddedTorchTrainer
 
 def record(path):
@@ -144,13 +144,16 @@ class RecordController(UserCallback):
 
 connect({"address": None, "num_cpus": 2, "show_worker_logs": False})
 root = pathlib.Path(sys.argv[1])
-for cls in (EmbeddedTorchTrainer, TorchTrainer):
-    out = root / cls.__name__
-    out.mkdir()
-    cls(train_fn, train_loop_config={"out": str(out)},
-        scaling_config=ScalingConfig(num_workers=2),
-        run_config=RunConfig(name=cls.__name__, storage_path=str(root / "storage"),
-                             callbacks=[RecordController(str(out))])).fit()
+try:
+    for cls in (EmbeddedTorchTrainer, TorchTrainer):
+        out = root / cls.__name__
+        out.mkdir()
+        cls(train_fn, train_loop_config={"out": str(out)},
+            scaling_config=ScalingConfig(num_workers=2),
+            run_config=RunConfig(name=cls.__name__, storage_path=str(root / "storage"),
+                                 callbacks=[RecordController(str(out))])).fit()
+finally:
+    shutdown()  # as `orchestrate` ends: Ray stopped, its private temp dir removed
 """
 
 
