@@ -26,9 +26,8 @@ the noise of B2's ratio, see the README's Performance section).
 
 `_create_default_callbacks`, `_initialize_and_run_controller`, `_register_sigint_handler`,
 `TrainController.worker_group_cls` and `WorkerGroup._get_worker_runtime_env` are private Ray
-API (2.60):
-tests/test_trainers.py checks what each class leaves out and keeps, so a Ray upgrade that
-renames them fails a test instead of silently bringing the cost back.
+API (2.60): tests/test_trainers.py checks what each class leaves out and keeps, so a Ray
+upgrade that renames them fails a test instead of silently bringing the cost back.
 """
 
 from __future__ import annotations
@@ -76,8 +75,8 @@ class JobTorchTrainer(TorchTrainer):
     """A TorchTrainer without Ray Datasets' manager actor, for every run on any cluster."""
 
     keeps_cleaner = True
-    has_autoscaler = True
-    inherits_driver_env = False
+    # On the embedded cluster: no autoscaler, and every process inherits the driver's env.
+    embedded = False
 
     def _create_default_callbacks(self):
         dropped = (
@@ -89,14 +88,14 @@ class JobTorchTrainer(TorchTrainer):
 
     def scaling_policy(self, ray_default: ScalingPolicy) -> ScalingPolicy:
         """The policy this run's controller gets in place of Ray's default."""
-        if self.has_autoscaler or type(ray_default) is not FixedScalingPolicy:
+        if not self.embedded or type(ray_default) is not FixedScalingPolicy:
             return ray_default
         return FixedScalingWithoutAutoscaler(ray_default.scaling_config)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         ray_default = controller_init_kwargs["scaling_policy"]
         controller_init_kwargs["scaling_policy"] = self.scaling_policy(ray_default)
-        if not self.inherits_driver_env:
+        if not self.embedded:
             return super()._initialize_and_run_controller(**controller_init_kwargs)
         # Ray's method, minus the controller's runtime env (and the node pin: one node).
         controller = ray.remote(num_cpus=0)(EmbeddedTrainController).remote(
@@ -111,16 +110,14 @@ class JobTorchTrainer(TorchTrainer):
 class EmbeddedSweepTrialTrainer(JobTorchTrainer):
     """A sweep trial on the embedded cluster: no autoscaler; keeps the cleaner for Tune."""
 
-    has_autoscaler = False
-    inherits_driver_env = True
+    embedded = True
 
 
 class EmbeddedTorchTrainer(JobTorchTrainer):
     """A single job on the embedded cluster: no autoscaler, no placement-group cleaner."""
 
     keeps_cleaner = False
-    has_autoscaler = False
-    inherits_driver_env = True
+    embedded = True
 
 
 def trainer_class(embedded: bool, sweep_trial: bool) -> type[JobTorchTrainer]:
