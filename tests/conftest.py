@@ -167,9 +167,14 @@ def run_cli(
     )
 
 
-def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+def start_cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
     return subprocess.Popen(
-        [ORCHESTRATE, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        [ORCHESTRATE, *args],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
     )
 
 
