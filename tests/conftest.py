@@ -167,14 +167,21 @@ def run_cli(
     )
 
 
-def start_cli(args: list[str], cwd: Path, **kwargs) -> subprocess.Popen:
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`orchestrate` as from a terminal, SIGINT at its default even when the suite runs as a
+    background command (`make test &`, `nohup … &`), which a shell starts with SIGINT ignored
+    and every child inherits: a test's Ctrl-C must reach it."""
     return subprocess.Popen(
         [ORCHESTRATE, *args],
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        **kwargs,
+        preexec_fn=_sigint_default,
     )
 
 

@@ -141,10 +141,6 @@ def test_unplaceable_trials_fail_before_starting(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def _sigint_default() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 @pytest.mark.fault
 def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, ray_head):
     args = [
@@ -158,9 +154,7 @@ def test_interrupted_sweep_resumes_without_rerunning_or_duplicating(tmp_path, ra
         "tracking.log_model=false",
         f"cluster.address={ray_head}",
     ]
-    # As from a terminal: a shell starts background commands (`make test &`, `nohup … &`) with
-    # SIGINT ignored, which the child would inherit and Ctrl-C would then never reach it.
-    proc = start_cli(args, tmp_path, preexec_fn=_sigint_default)
+    proc = start_cli(args, tmp_path)
     try:
 
         def one_trial_done():
