@@ -258,7 +258,7 @@ def run(
 
     log_references(wait=not shared)  # computed here: now; from the task: if already done
     phase("references_done")
-    clip = tcfg["grad_clip"] if tcfg["grad_clip"] > 0 else float("inf")
+    clip = tcfg["grad_clip"]  # 0: off
     params = [p for p in model.parameters() if p.requires_grad]
     last: dict[str, float] = {}
     next_step_event = 0.0  # monotonic time after which rank 0 sends the next step event
@@ -311,7 +311,13 @@ def run(
                 continue
             # Gradients are identical on every rank after the all-reduce, so every rank sees
             # the same norm and stops together on NaN/inf, without an extra collective.
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
+            # Without clipping, only the norm: clip_grad_norm_ would also scale every gradient
+            # by 1, a second pass that cost ~2 % of a small model's step (cnn_digits, CPU).
+            grad_norm = (
+                torch.nn.utils.clip_grad_norm_(params, clip)
+                if clip
+                else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+            )
             if not torch.isfinite(grad_norm):
                 log_windows(windows, logged, epoch_loss)  # every rank is here: safe to reduce
                 log_references(wait=True)
