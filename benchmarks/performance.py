@@ -11,7 +11,9 @@ and torch.set_num_threads(1)). Orchestrated figures are read back with MlflowCli
 train/samples_per_s per epoch, the timestamp of startup/time_to_first_step_s, time/loop_s.
 
   B1 steady-state samples/s (median of epochs after the first), cnn_digits, 1 and 2 workers,
-     on a running Ray head (cluster.address=<head>) vs torchrun
+     on a running Ray head (cluster.address=<head>) vs torchrun; a third side runs the torchrun
+     script's own loop under a plain Ray Train TorchTrainer on that head
+     (benchmarks/raytrain_baseline.py), which splits the gap into Ray Train's share and ours
   B2 time from launch to the first optimizer step and total wall of a short job (2 workers,
      5 batches, model logged as by default): cold (embedded Ray) and warm (running head)
   B3 1 → 2 worker scaling efficiency, thr(2) / (2 · thr(1)), on transformer_lm (compute-bound)
@@ -51,6 +53,7 @@ import psutil
 BIN = Path(sys.executable).parent
 HERE = Path(__file__).resolve().parent
 BASELINE = str(HERE / "torchrun_baseline.py")
+RAYTRAIN = str(HERE / "raytrain_baseline.py")
 PINNED = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # The start-up phases a run logs as startup/<phase>_s, in order.
 PHASES = ("fit_called", "worker_entered", "data_built", "model_built", "time_to_first_step")
@@ -187,6 +190,16 @@ def torchrun(cfg: Settings, workers: int, args: list[str], rss: bool = False) ->
     return {**result, "wall_s": r["wall_s"], "rss": r["rss"]}
 
 
+def raytrain(cfg: Settings, workers: int, args: list[str]) -> dict:
+    """The torchrun baseline's training code under a plain Ray Train TorchTrainer, on the
+    same head as the orchestrated runs: the share of a gap that is Ray Train's own."""
+    cmd = [str(BIN / "python"), RAYTRAIN, f"--workers={workers}", f"--address={cfg.head}",
+           "--", *args, "--launch-ts", f"{time.time():.6f}"]  # fmt: skip
+    r = launch(cmd, cfg.workdir, environment())
+    line = next(ln for ln in r["out"].splitlines() if ln.startswith("BASELINE_RESULT "))
+    return {**json.loads(line.split(" ", 1)[1]), "wall_s": r["wall_s"]}
+
+
 def steady(rates: list[float]) -> float:
     """Steady state: the median epoch after the first (which pays warm-up)."""
     return statistics.median(rates[1:] if len(rates) > 1 else rates)
@@ -240,17 +253,23 @@ def b1(cfg: Settings) -> dict:
         base = ["--job", "cnn_digits", "--epochs", str(cfg.cnn_epochs),
                 *(["--limit-batches", "3"] if cfg.tiny else [])]  # fmt: skip
         sides += [lambda ours=ours: orchestrate(cfg, ours, cfg.head),
-                  lambda w=w, base=base: torchrun(cfg, w, base)]  # fmt: skip
+                  lambda w=w, base=base: torchrun(cfg, w, base),
+                  lambda w=w, base=base: raytrain(cfg, w, base)]  # fmt: skip
 
-    def summarize(o1, t1, o2, t2) -> dict:
+    def summarize(o1, t1, r1, o2, t2, r2) -> dict:
         out = {}
-        for w, ours, base in ((1, o1, t1), (2, o2, t2)):
+        for w, ours, base, ray_train in ((1, o1, t1, r1), (2, o2, t2, r2)):
             o = [steady(r["samples_per_s"]) for r in ours]
             b = [steady(r["samples_per_s"]) for r in base]
+            rt = [steady(r["samples_per_s"]) for r in ray_train]
             out[f"{w}_workers"] = {
                 "ratio": summary([x / y for x, y in zip(o, b, strict=True)]),
                 "orchestrate_samples_per_s": summary(o),
                 "torchrun_samples_per_s": summary(b),
+                # The same hand-written loop under plain Ray Train: Ray's share of the gap.
+                "raytrain_samples_per_s": summary(rt),
+                "raytrain_ratio": summary([x / y for x, y in zip(rt, b, strict=True)]),
+                "orchestrate_vs_raytrain": summary([x / y for x, y in zip(o, rt, strict=True)]),
             }
         return out
 
@@ -480,6 +499,12 @@ def table(r: dict) -> list[str]:
             rows.append(f"| B1 | samples/s, cnn_digits, {w} worker(s), orchestrate / torchrun | "
                         f"{fmt(x['ratio'])} | ≥ 0.98 | {x['orchestrate_samples_per_s']['median']:.0f}"
                         f" / {x['torchrun_samples_per_s']['median']:.0f} samples/s |")  # fmt: skip
+            if "raytrain_ratio" in x:
+                rows.append(f"| B1 | same, the torchrun script's loop under plain Ray Train / torchrun | "
+                            f"{fmt(x['raytrain_ratio'])} | — | {x['raytrain_samples_per_s']['median']:.0f}"
+                            f" / {x['torchrun_samples_per_s']['median']:.0f} samples/s |")  # fmt: skip
+                rows.append(f"| B1 | same, orchestrate / plain Ray Train (our share of the gap) | "
+                            f"{fmt(x['orchestrate_vs_raytrain'])} | — | |")  # fmt: skip
     if "B2" in r:
         t = r["B2"]["torchrun"]
         for k in ("cold", "warm"):

@@ -165,7 +165,7 @@ JOBS = {
 }
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser()
     p.add_argument("--job", choices=sorted(JOBS), default="cnn_digits")
     p.add_argument("--epochs", type=int, default=3)
@@ -174,10 +174,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--launch-ts", type=float, default=None, help="time.time() at launch")
     p.add_argument("--log-every", type=int, default=10)
-    args = p.parse_args()
+    return p.parse_args(argv)
+
+
+def train(args: argparse.Namespace) -> dict | None:
+    """Train in an initialised gloo process group; rank 0 returns the result (others None)."""
     launch_ts = args.launch_ts or time.time()
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
     build, batch_size, lr, weight_decay = JOBS[args.job]
@@ -233,15 +236,23 @@ def main() -> None:
     end_s = time.time() - launch_ts
     rss = [None] * world
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-    if rank == 0:
-        result = {
-            "samples_per_s": epoch_rates,
-            "first_step_s": first_step_s,
-            "train_end_s": end_s,
-            "peak_rss_mb": rss,
-            "world_size": world,
-            "pid": os.getpid(),
-        }
+    if rank != 0:
+        return None
+    return {
+        "samples_per_s": epoch_rates,
+        "first_step_s": first_step_s,
+        "train_end_s": end_s,
+        "peak_rss_mb": rss,
+        "world_size": world,
+        "pid": os.getpid(),
+    }
+
+
+def main() -> None:
+    args = parse_args()
+    dist.init_process_group("gloo")
+    result = train(args)
+    if result is not None:
         print("BASELINE_RESULT " + json.dumps(result), flush=True)
     dist.destroy_process_group()
 

@@ -40,6 +40,20 @@ def test_sweep_efficiency_runs_both_sweeps_and_writes_its_table(tmp_path):
     assert "| asha | 2 |" in (tmp_path / "sweep_efficiency.md").read_text()
 
 
+def test_raytrain_baseline_runs_the_torchrun_loop_under_ray_train():
+    # B1's third side; performance.py runs it on its head, here it starts an embedded Ray.
+    out = bench(
+        "raytrain_baseline.py", "--workers", "2",
+        "--", "--job", "cnn_digits", "--epochs", "2", "--limit-batches", "2",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+    line = next(ln for ln in out.stdout.splitlines() if ln.startswith("BASELINE_RESULT "))
+    result = json.loads(line.split(" ", 1)[1])
+    assert result["world_size"] == 2 and len(result["peak_rss_mb"]) == 2
+    assert len(result["samples_per_s"]) == 2 and all(r > 0 for r in result["samples_per_s"])
+    assert 0 < result["first_step_s"] < result["train_end_s"]
+
+
 def test_performance_runs_orchestrate_beside_torchrun_and_writes_its_table(tmp_path):
     # B2 (with B6) exercises every moving part: a private Ray head (warm), an embedded Ray
     # (cold), the torchrun baseline, figures read back through MlflowClient, RSS sampling.
