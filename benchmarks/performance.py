@@ -185,9 +185,7 @@ def torchrun(cfg: Settings, workers: int, args: list[str], rss: bool = False) ->
             if attempt == attempts:
                 raise
             print(f"  torchrun baseline failed, running it again: {str(failed)[:200]}", flush=True)
-    line = next(ln for ln in r["out"].splitlines() if ln.startswith("BASELINE_RESULT "))
-    result = json.loads(line.split(" ", 1)[1])
-    return {**result, "wall_s": r["wall_s"], "rss": r["rss"]}
+    return {**baseline_result(r["out"]), "wall_s": r["wall_s"], "rss": r["rss"]}
 
 
 def raytrain(cfg: Settings, workers: int, args: list[str]) -> dict:
@@ -196,13 +194,23 @@ def raytrain(cfg: Settings, workers: int, args: list[str]) -> dict:
     cmd = [str(BIN / "python"), RAYTRAIN, f"--workers={workers}", f"--address={cfg.head}",
            "--", *args, "--launch-ts", f"{time.time():.6f}"]  # fmt: skip
     r = launch(cmd, cfg.workdir, environment())
-    line = next(ln for ln in r["out"].splitlines() if ln.startswith("BASELINE_RESULT "))
-    return {**json.loads(line.split(" ", 1)[1]), "wall_s": r["wall_s"]}
+    return {**baseline_result(r["out"]), "wall_s": r["wall_s"]}
+
+
+def baseline_result(out: str) -> dict:
+    """The `BASELINE_RESULT {json}` line both baselines print (rank 0's figures)."""
+    line = next(ln for ln in out.splitlines() if ln.startswith("BASELINE_RESULT "))
+    return json.loads(line.split(" ", 1)[1])
 
 
 def steady(rates: list[float]) -> float:
     """Steady state: the median epoch after the first (which pays warm-up)."""
     return statistics.median(rates[1:] if len(rates) > 1 else rates)
+
+
+def ratios(ours: list[float], theirs: list[float]) -> dict[str, Any]:
+    """summary() of the pairwise ratios of two sides' figures, repeat by repeat."""
+    return summary([a / b for a, b in zip(ours, theirs, strict=True)])
 
 
 def summary(values: list[float]) -> dict[str, Any]:
@@ -263,13 +271,13 @@ def b1(cfg: Settings) -> dict:
             b = [steady(r["samples_per_s"]) for r in base]
             rt = [steady(r["samples_per_s"]) for r in ray_train]
             out[f"{w}_workers"] = {
-                "ratio": summary([x / y for x, y in zip(o, b, strict=True)]),
+                "ratio": ratios(o, b),
                 "orchestrate_samples_per_s": summary(o),
                 "torchrun_samples_per_s": summary(b),
                 # The same hand-written loop under plain Ray Train: Ray's share of the gap.
                 "raytrain_samples_per_s": summary(rt),
-                "raytrain_ratio": summary([x / y for x, y in zip(rt, b, strict=True)]),
-                "orchestrate_vs_raytrain": summary([x / y for x, y in zip(o, rt, strict=True)]),
+                "raytrain_ratio": ratios(rt, b),
+                "orchestrate_vs_raytrain": ratios(o, rt),
             }
         return out
 
@@ -354,7 +362,7 @@ def b3(cfg: Settings) -> dict:
 
         ours, theirs = eff(o1, o2), eff(t1, t2)
         return {
-            "efficiency_ratio": summary([a / b for a, b in zip(ours, theirs, strict=True)]),
+            "efficiency_ratio": ratios(ours, theirs),
             "orchestrate_efficiency": summary(ours),
             "torchrun_efficiency": summary(theirs),
             "orchestrate_samples_per_s": {"1": summary([steady(r["samples_per_s"]) for r in o1]),
@@ -380,7 +388,7 @@ def b4(cfg: Settings) -> dict:
             [steady(r["samples_per_s"]) for r in off],
         )
         return {
-            "ratio": summary([a / b for a, b in zip(e, f, strict=True)]),
+            "ratio": ratios(e, f),
             "every_step_samples_per_s": summary(e),
             "off_samples_per_s": summary(f),
         }
