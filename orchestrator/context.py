@@ -2,8 +2,9 @@
 
 The loop talks to its surroundings only through a `WorkerContext`: who am I (rank, world
 size, device), is there a checkpoint to resume from, report an epoch (with a checkpoint on
-rank 0), and send a progress event to whoever is watching. `LocalContext` makes the loop
-runnable and debuggable without Ray; `RayContext` is what Ray Train workers use.
+rank 0), and send a progress event to whoever is watching. Under Ray, rank 0 also sends its
+metrics to the driver through `mailbox` (mailbox.py). `LocalContext` makes the loop runnable
+and debuggable without Ray; `RayContext` is what Ray Train workers use.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class WorkerContext(Protocol):
     rank: int
     world_size: int
     device: torch.device
+    mailbox: Any  # a mailbox.Mailbox to the driver, or None (rank 0 then logs to MLflow itself)
 
     def latest_checkpoint(self) -> dict[str, Any] | None: ...
 
@@ -35,6 +37,7 @@ class LocalContext:
 
     rank = 0
     world_size = 1
+    mailbox = None
 
     def __init__(self, device: str = "cpu", checkpoint_dir: str | None = None, on_progress=None):
         self.device = torch.device(device)
@@ -62,7 +65,7 @@ class LocalContext:
 class RayContext:
     """Inside a Ray Train V2 worker. Every rank must call `report` the same number of times."""
 
-    def __init__(self, progress_queue=None) -> None:
+    def __init__(self, mailbox=None) -> None:
         import ray.train
         import ray.train.torch
 
@@ -70,7 +73,7 @@ class RayContext:
         self.rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.device = ray.train.torch.get_device()
-        self.queue = progress_queue
+        self.mailbox = mailbox
         self.checkpoint_note: str | None = None  # set when the latest checkpoint was unusable
 
     def latest_checkpoint(self):
@@ -93,20 +96,14 @@ class RayContext:
             ray.train.report(metrics, checkpoint=ckpt)
 
     def progress(self, event):
-        if self.queue is None or self.rank != 0:
+        if self.mailbox is None or self.rank != 0:
             return
         if event.get("type") == "outcome":
-            self.queue.put(event, timeout=60)  # the driver needs this one to set the run status
+            self.mailbox.send(event)  # the driver needs this one to set the run status
             return
-        if event.get("type") == "step":
-            # Fire and forget: the step loop must not wait for a round trip to the queue actor
-            # (`Queue.put_nowait` is a blocking ray.get). The loop sends a few a second at most.
-            self.queue.actor.put_nowait.remote(event)
-            return
-        try:  # never let a slow driver stall training: drop a progress tick if the queue is full
-            self.queue.put_nowait(event)
-        except Exception:
-            pass
+        # Fire and forget: training never waits for a round trip to the mailbox, and a tick is
+        # dropped if the driver falls behind. The loop sends a few a second at most.
+        self.mailbox.post(event)
 
 
 def node_tags(ctx: RayContext) -> dict[str, str]:

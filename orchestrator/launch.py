@@ -234,11 +234,11 @@ def check_storage_shared(storage_path: str, timeout_s: float = 120.0) -> None:
         raise storage.not_shared_error(storage_path, blind, len(others))
 
 
-def make_progress_queue():
-    from ray.util.queue import Queue
+def make_mailbox():
+    """Rank 0's channel to the driver (progress, outcome, metrics): see mailbox.py."""
+    from orchestrator.mailbox import Mailbox
 
-    # 0 CPUs: the queue actor must never take a slot a training worker needs.
-    return Queue(maxsize=10_000, actor_options={"num_cpus": 0})
+    return Mailbox()
 
 
 def fit(
@@ -247,7 +247,7 @@ def fit(
     use_gpu: bool,
     storage_path: str,
     name: str,
-    progress_queue,
+    mailbox,
     callbacks: list | None = None,
 ) -> Any:
     """Run the job's workers to completion. Returns Ray's Result; raises on training failure.
@@ -274,7 +274,7 @@ def fit(
         train_loop_config={
             "cfg": cfg,
             "run_id": run_id,
-            "progress": progress_queue,
+            "mailbox": mailbox,
             # Built while Ray Train starts its workers, once for all of them.
             "shared": shared_data.start(cfg),
         },

@@ -74,18 +74,6 @@ class ProgressDisplay:
         self._line(text)
 
 
-def drain(queue, display: ProgressDisplay, timeout: float = 0.25) -> None:
-    """Hand every queued event to the display; wait up to `timeout` for the first."""
-    from ray.util.queue import Empty
-
-    try:
-        display.handle(queue.get(timeout=timeout))
-        while True:
-            display.handle(queue.get_nowait())
-    except Empty:
-        pass
-
-
 def _fmt_value(v: Any) -> str:
     return f"{v:.3g}" if isinstance(v, float) else str(v)
 

@@ -22,7 +22,7 @@ from typing import Any
 from orchestrator import launch, preflight, resume, tracking
 from orchestrator.errors import TrainingFailed
 from orchestrator.job import load_job
-from orchestrator.progress import ProgressDisplay, drain
+from orchestrator.progress import ProgressDisplay
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 
@@ -148,16 +148,25 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) ->
     cfg = {**cfg, "launch": {"started_at": started_at, "run_dir": local_dir}}
 
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    from orchestrator.mailbox import drain  # imports Ray
+
     display = ProgressDisplay(job.main_metric)
+    # Rank 0's metrics reach MLflow through here (the workers hold no MLflow client).
+    spill = os.path.join(local_dir, tracking.UNDELIVERED_METRICS) if local_dir else None
+    receiver = tracking.MetricsReceiver(trk["uri"], run_id, spill)
+
+    def on_event(event: dict[str, Any]):
+        return receiver.handle(event) if event["type"] in receiver.KINDS else display.handle(event)
+
     t0 = time.monotonic()
     try:
-        queue = launch.make_progress_queue()
+        mailbox = launch.make_mailbox()
         thread, box = launch.fit_in_background(
-            cfg, run_id, use_gpu, storage, f"{name}-{run_id}", queue
+            cfg, run_id, use_gpu, storage, f"{name}-{run_id}", mailbox
         )
         while thread.is_alive():
-            drain(queue, display)
-        drain(queue, display, timeout=0.5)
+            drain(mailbox, on_event)
+        drain(mailbox, on_event, timeout=0.5)
         if "error" in box:
             raise TrainingFailed(_describe(box["error"]))
         outcome = display.outcome or {}
@@ -167,6 +176,8 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) ->
             )
         if outcome.get("message", "").startswith("MLflow unreachable"):
             return _tracking_lost(trk["uri"], outcome["message"], resume_with)
+        if not receiver.finish(trk["outage_wait_s"]):  # the server may be restarting
+            return _tracking_lost(trk["uri"], f"undelivered metrics kept in {spill}", resume_with)
         try:
             _finish(cfg, job, run_id, box["result"])
         except Exception as exc:

@@ -165,6 +165,7 @@ def _trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.config import validate
+    from orchestrator.mailbox import drain
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, group_options, params)
@@ -179,20 +180,32 @@ def _trial(
         tracking.flatten(cfg),
         tracking.config_yaml(cfg),
     )
-    queue = launch.make_progress_queue()
-    launch.fit(
+    # Rank 0's metrics reach the child run through this trial's driver, as in `orchestrate`.
+    receiver = tracking.MetricsReceiver(uri, run_id, spill_path=None)
+    outcome: dict[str, Any] = {}
+
+    def on_event(event: dict[str, Any]):
+        nonlocal outcome
+        if event["type"] in receiver.KINDS:
+            return receiver.handle(event)
+        outcome = event if event["type"] == "outcome" else outcome
+
+    mailbox = launch.make_mailbox()
+    thread, box = launch.fit_in_background(
         cfg,
         run_id,
         use_gpu,
         cfg["cluster"]["storage_path"],
         f"{sweep_name}-{trial_id}",
-        queue,
-        callbacks=[TuneReportCallback()],
+        mailbox,
+        callbacks=[TuneReportCallback()],  # made here: it needs this trial's Tune session
     )
-    outcome: dict[str, Any] = {}
-    while not queue.empty():
-        event = queue.get()
-        outcome = event if event.get("type") == "outcome" else outcome
+    while thread.is_alive():
+        drain(mailbox, on_event)
+    drain(mailbox, on_event, timeout=0.5)
+    if "error" in box:
+        raise box["error"]
+    receiver.finish(cfg["tracking"]["outage_wait_s"])
     if outcome.get("status") != "finished":
         message = outcome.get("message") or "training ended without an outcome"
         tracking.end_run(uri, run_id, "FAILED", message)

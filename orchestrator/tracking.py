@@ -2,9 +2,12 @@
 
 One training job is exactly one MLflow run. The driver creates it (so a bad config never
 leaves a run behind and several workers never race to create one), logs params, tags and the
-resolved config, and hands the run id to the workers. Rank 0 logs metrics to that run id with
-explicit steps through `MetricLogger`; other ranks get a `NullMetricLogger`. When training
-ends, the driver logs the final model and sets the terminal status.
+resolved config, and hands the run id to the workers. Rank 0 logs metrics with explicit steps
+through a `RelayedMetricLogger`: they travel to the driver (mailbox.py), whose
+`MetricsReceiver` sends them to that run id with a `MetricLogger` — workers hold no MLflow
+client. Other ranks get a `NullMetricLogger`; a loop run without Ray logs with a
+`MetricLogger` directly. When training ends, the driver logs the final model and sets the
+terminal status.
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import json
 import logging
 import os
 import subprocess
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +31,30 @@ PARAM_BATCH = 100  # MLflow's per-request limit for params
 METRIC_BATCH = 1000  # ... and for metrics
 MAX_PARAM_VALUE = 6000
 # MLflow's HTTP client retries a refused request 7 times with exponential backoff (minutes);
-# a training worker must not stall on an outage, so it fails fast and buffers instead.
+# metric logging must not stall training on an outage, so it fails fast and buffers instead.
 FAIL_FAST_HTTP = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# Beside the run's checkpoints: metrics a tracking outage left undelivered (JSON lines).
+UNDELIVERED_METRICS = "undelivered_metrics.jsonl"
+# How long rank 0 waits for the driver to take its metrics (the driver answers within a
+# request's time to MLflow, 10 s at most when the server is down).
+RELAY_REPLY_TIMEOUT_S = 300.0
+
+
+@contextmanager
+def _fail_fast(uri: str) -> Iterator[None]:
+    """FAIL_FAST_HTTP for the metric logger's own requests only (MLflow reads these variables
+    per request): the driver's other calls, such as logging the model, keep MLflow's retries.
+    A value the user set wins."""
+    if not uri.startswith(("http://", "https://")):
+        yield
+        return
+    added = {k: v for k, v in FAIL_FAST_HTTP.items() if k not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
 
 
 def flatten(cfg: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -250,19 +278,20 @@ class NullMetricLogger:
 
 
 class MetricLogger:
-    """Buffers metrics on rank 0 and sends them in batches; never loses one, never sends one twice.
+    """Buffers metrics and sends them in batches; never loses one, never sends one twice. The
+    driver's `MetricsReceiver` holds one for rank 0's metrics (a loop run without Ray, its own).
 
-    - Start-up: the MLflow client (importing mlflow takes seconds) is made in a background
-      thread, so rank 0 builds its data and model meanwhile instead of keeping every other
-      rank waiting at DDP's first broadcast. Nothing is sent before the first `flush`.
+    - Start-up: the MLflow client is made in a background thread (importing mlflow takes
+      seconds where it is not yet imported). Nothing is sent before the first `flush`.
     - Restarts: after a worker-group restart the loop replays from the latest checkpoint. Steps
-      the failed attempt already delivered are skipped (the replay is deterministic, so the
-      values are the same), which keeps every metric step present exactly once.
+      already delivered (by this logger, or by an earlier one: read from the store when it
+      connects) are skipped (the replay is deterministic, so the values are the same), which
+      keeps every metric step present exactly once.
     - Tracking-server outages: a flush that fails keeps the metrics and also writes them to
-      `spill_path` (on the run's checkpoint storage), so a restarted worker — or, if the server
-      never comes back in time, `orchestrate resume=<run id>` later — delivers them. Training
-      never waits on the server: HTTP requests fail fast instead of retrying for minutes. A
-      server that is down when the worker starts is just the first failed flush.
+      `spill_path` (on the run's checkpoint storage), so a later flush — or, if the server
+      never comes back in time, `orchestrate resume=<run id>` later — delivers them. Nothing
+      waits on the server: HTTP requests fail fast instead of retrying for minutes. A server
+      that is down at the start is just the first failed flush.
     """
 
     def __init__(
@@ -272,9 +301,6 @@ class MetricLogger:
         spill_path: str | None = None,
         tags: dict[str, str] | None = None,
     ):
-        if uri.startswith(("http://", "https://")):
-            for var, value in FAIL_FAST_HTTP.items():  # this worker process only
-                os.environ.setdefault(var, value)
         self.uri, self.run_id = uri, run_id
         self.spill_path = Path(spill_path) if spill_path else None
         self.tags = dict(tags or {})  # sent with the first successful flush
@@ -292,11 +318,13 @@ class MetricLogger:
     def _connect(self) -> None:
         """Make the client and learn which steps an earlier attempt already delivered."""
         try:
-            c = client(self.uri)
-            latest = c.get_run(self.run_id).data.metrics
-            self.delivered = {
-                key: max(m.step for m in c.get_metric_history(self.run_id, key)) for key in latest
-            }
+            with _fail_fast(self.uri):
+                c = client(self.uri)
+                latest = c.get_run(self.run_id).data.metrics
+                self.delivered = {
+                    key: max(m.step for m in c.get_metric_history(self.run_id, key))
+                    for key in latest
+                }
             self.client = c
         except Exception as exc:  # the server is down: the next flush tries again
             log.warning("MLflow unreachable at start, metrics kept for later: %s", _first_line(exc))
@@ -314,15 +342,20 @@ class MetricLogger:
 
     # Artifacts have fixed names per epoch, so a replay after a restart overwrites, never adds.
     def log_image(self, name: str, image: Any, epoch: int) -> None:
+        """`image`: a matplotlib figure, an array MLflow takes, or PNG bytes (relayed)."""
+        file = f"epoch_{epoch:03d}.png"
         try:
             if not self._connected():
                 raise ConnectionError("no MLflow client")
-            if hasattr(image, "savefig"):  # a matplotlib figure
-                self.client.log_figure(self.run_id, image, f"{name}/epoch_{epoch:03d}.png")
-            else:
-                self.client.log_image(
-                    self.run_id, image, artifact_file=f"{name}/epoch_{epoch:03d}.png"
-                )
+            with _fail_fast(self.uri):
+                if isinstance(image, bytes):
+                    with tempfile.TemporaryDirectory() as folder:
+                        (Path(folder) / file).write_bytes(image)
+                        self.client.log_artifact(self.run_id, str(Path(folder) / file), name)
+                elif hasattr(image, "savefig"):  # a matplotlib figure
+                    self.client.log_figure(self.run_id, image, f"{name}/{file}")
+                else:
+                    self.client.log_image(self.run_id, image, artifact_file=f"{name}/{file}")
         except Exception as exc:
             log.warning("could not log image %s: %s", name, exc)
 
@@ -330,7 +363,8 @@ class MetricLogger:
         try:
             if not self._connected():
                 raise ConnectionError("no MLflow client")
-            self.client.log_text(self.run_id, text, f"{name}/epoch_{epoch:03d}.txt")
+            with _fail_fast(self.uri):
+                self.client.log_text(self.run_id, text, f"{name}/epoch_{epoch:03d}.txt")
         except Exception as exc:
             log.warning("could not log text %s: %s", name, exc)
 
@@ -349,11 +383,14 @@ class MetricLogger:
         for chunk in chunks or ([[]] if self.tags else []):  # tags go with the first batch
             tags = [RunTag(k, v) for k, v in self.tags.items()]
             try:
-                self.client.log_batch(
-                    self.run_id,
-                    metrics=[Metric(key, value, ts, step) for (key, step), (value, ts) in chunk],
-                    tags=tags,
-                )
+                with _fail_fast(self.uri):
+                    self.client.log_batch(
+                        self.run_id,
+                        metrics=[
+                            Metric(key, value, ts, step) for (key, step), (value, ts) in chunk
+                        ],
+                        tags=tags,
+                    )
             except Exception as exc:
                 log.warning(
                     "MLflow unreachable, keeping %d metrics for later: %s",
@@ -387,6 +424,86 @@ class MetricLogger:
             return []
         rows = [json.loads(line) for line in self.spill_path.read_text().splitlines() if line]
         return [(r["key"], r["value"], r["timestamp"], r["step"]) for r in rows]
+
+
+class RelayedMetricLogger:
+    """Rank 0's logger under Ray: buffers metrics like `MetricLogger`, and at each `flush`
+    hands them to the driver through the mailbox and waits for its reply. Once the reply is
+    in, the metrics are the driver's to deliver (or to keep on disk through an outage), so
+    rank 0 may report the checkpoint that follows them. No MLflow import here."""
+
+    def __init__(self, mailbox: Any, tags: dict[str, str] | None = None):
+        self.mailbox = mailbox
+        self.tags = dict(tags or {})  # sent with the next flush
+        self.pending: dict[tuple[str, int], tuple[float, int]] = {}
+
+    def log(self, metrics: dict[str, float], step: int, timestamp_ms: int | None = None) -> None:
+        now = timestamp_ms or int(time.time() * 1000)
+        for key, value in metrics.items():
+            self.pending[(key, step)] = (float(value), now)
+
+    def flush(self) -> bool:
+        """Whether the driver took everything pending (kept for the next flush if not)."""
+        rows = [(key, step, value, ts) for (key, step), (value, ts) in self.pending.items()]
+        try:
+            self.mailbox.request(
+                {"type": "metrics", "rows": rows, "tags": self.tags}, RELAY_REPLY_TIMEOUT_S
+            )
+        except Exception as exc:  # the driver is gone or stuck: keep them, try again later
+            log.warning("the driver did not take %d metrics: %s", len(rows), _first_line(exc))
+            return False
+        self.pending.clear()
+        self.tags = {}
+        return True
+
+    def log_image(self, name: str, image: Any, epoch: int) -> None:
+        if hasattr(image, "savefig"):  # a figure travels as the PNG MLflow would have stored
+            buffer = io.BytesIO()
+            image.savefig(buffer, format="png")
+            image = buffer.getvalue()
+        self._artifact({"kind": "image", "name": name, "data": image, "epoch": epoch})
+
+    def log_text(self, name: str, text: str, epoch: int) -> None:
+        self._artifact({"kind": "text", "name": name, "data": text, "epoch": epoch})
+
+    def _artifact(self, event: dict[str, Any]) -> None:
+        try:
+            self.mailbox.send({"type": "artifact", **event})
+        except Exception as exc:  # an artifact is a view of the run, not worth a stall
+            log.warning("could not send %s to the driver: %s", event["name"], _first_line(exc))
+
+
+class MetricsReceiver:
+    """The driver's end of rank 0's metrics: one `MetricLogger` for the whole job, across
+    worker-group restarts, so a replayed step is recognised as already delivered."""
+
+    KINDS = ("metrics", "artifact")
+
+    def __init__(self, uri: str, run_id: str, spill_path: str | None):
+        self.logger = MetricLogger(uri, run_id, spill_path=spill_path)
+        self.delivered = True  # nothing pending yet
+
+    def handle(self, event: dict[str, Any]) -> bool:
+        """Log a relayed batch (flushed at once) or artifact; returns whether all is delivered."""
+        if event["type"] == "metrics":
+            self.logger.tags.update(event["tags"])
+            for key, step, value, ts in event["rows"]:
+                self.logger.pending[(key, step)] = (value, ts)
+            self.delivered = self.logger.flush()
+        elif event["kind"] == "image":
+            self.logger.log_image(event["name"], event["data"], event["epoch"])
+        else:
+            self.logger.log_text(event["name"], event["data"], event["epoch"])
+        return self.delivered
+
+    def finish(self, wait_s: float) -> bool:
+        """After training: deliver what an outage held back, waiting up to `wait_s` for the
+        server. Returns whether everything is in MLflow (if not, it is in the spill file)."""
+        give_up_at = time.monotonic() + wait_s
+        while not self.logger.flush() and time.monotonic() < give_up_at:
+            time.sleep(2)  # the server may be restarting
+        self.delivered = not self.logger.pending
+        return self.delivered
 
 
 def _first_line(exc: BaseException) -> str:
