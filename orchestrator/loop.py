@@ -38,7 +38,6 @@ from orchestrator.tracking import (
     RelayedMetricLogger,
 )
 
-# Metrics rank 0 could not deliver yet (tracking server down), kept beside the checkpoints.
 # The most often rank 0 sends a step event to the progress display: a few a second is plenty.
 STEP_EVENT_INTERVAL_S = 0.2
 

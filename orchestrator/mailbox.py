@@ -98,6 +98,13 @@ class Mailbox:
         self.actor.reply.remote(request_id, value)
 
 
+def drain_while_alive(mailbox: Mailbox, thread, on_event) -> None:
+    """Drain while `thread` (the one running `fit`) lives, then once more for the last events."""
+    while thread.is_alive():
+        drain(mailbox, on_event)
+    drain(mailbox, on_event, timeout=0.5)
+
+
 def drain(mailbox: Mailbox, on_event, timeout: float = 0.25) -> None:
     """Hand every waiting event to `on_event` (waiting up to `timeout` for the first), and send
     its return value back as the reply to events that asked for one."""

@@ -109,6 +109,8 @@ def deployed_weights(state: dict) -> dict:
 
 
 def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) -> int:
+    from orchestrator.mailbox import drain_while_alive  # imports Ray
+
     trk = cfg["tracking"]
     name = cfg["job"]["name"]
     storage = cfg["cluster"]["storage_path"]
@@ -148,8 +150,6 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) ->
     cfg = {**cfg, "launch": {"started_at": started_at, "run_dir": local_dir}}
 
     previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
-    from orchestrator.mailbox import drain  # imports Ray
-
     display = ProgressDisplay(job.main_metric)
     # Rank 0's metrics reach MLflow through here (the workers hold no MLflow client).
     spill = os.path.join(local_dir, tracking.UNDELIVERED_METRICS) if local_dir else None
@@ -164,9 +164,7 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) ->
         thread, box = launch.fit_in_background(
             cfg, run_id, use_gpu, storage, f"{name}-{run_id}", mailbox
         )
-        while thread.is_alive():
-            drain(mailbox, on_event)
-        drain(mailbox, on_event, timeout=0.5)
+        drain_while_alive(mailbox, thread, on_event)
         if "error" in box:
             raise TrainingFailed(_describe(box["error"]))
         outcome = display.outcome or {}

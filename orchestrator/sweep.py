@@ -165,7 +165,7 @@ def _trial(
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from orchestrator.config import validate
-    from orchestrator.mailbox import drain
+    from orchestrator.mailbox import drain_while_alive
 
     trial_id = tune.get_context().get_trial_id()
     cfg = trial_config(base, group_options, params)
@@ -200,9 +200,7 @@ def _trial(
         mailbox,
         callbacks=[TuneReportCallback()],  # made here: it needs this trial's Tune session
     )
-    while thread.is_alive():
-        drain(mailbox, on_event)
-    drain(mailbox, on_event, timeout=0.5)
+    drain_while_alive(mailbox, thread, on_event)
     if "error" in box:
         raise box["error"]
     receiver.finish(cfg["tracking"]["outage_wait_s"])

@@ -481,20 +481,19 @@ class MetricsReceiver:
 
     def __init__(self, uri: str, run_id: str, spill_path: str | None):
         self.logger = MetricLogger(uri, run_id, spill_path=spill_path)
-        self.delivered = True  # nothing pending yet
 
-    def handle(self, event: dict[str, Any]) -> bool:
-        """Log a relayed batch (flushed at once) or artifact; returns whether all is delivered."""
+    def handle(self, event: dict[str, Any]) -> None:
+        """Log a relayed batch (flushed at once: delivered, or kept through an outage) or
+        artifact. Rank 0's reply is just that the driver has it."""
         if event["type"] == "metrics":
             self.logger.tags.update(event["tags"])
             for key, step, value, ts in event["rows"]:
-                self.logger.pending[(key, step)] = (value, ts)
-            self.delivered = self.logger.flush()
+                self.logger.log({key: value}, step=step, timestamp_ms=ts)
+            self.logger.flush()
         elif event["kind"] == "image":
             self.logger.log_image(event["name"], event["data"], event["epoch"])
         else:
             self.logger.log_text(event["name"], event["data"], event["epoch"])
-        return self.delivered
 
     def finish(self, wait_s: float) -> bool:
         """After training: deliver what an outage held back, waiting up to `wait_s` for the
@@ -502,8 +501,7 @@ class MetricsReceiver:
         give_up_at = time.monotonic() + wait_s
         while not self.logger.flush() and time.monotonic() < give_up_at:
             time.sleep(2)  # the server may be restarting
-        self.delivered = not self.logger.pending
-        return self.delivered
+        return not self.logger.pending
 
 
 def _first_line(exc: BaseException) -> str:

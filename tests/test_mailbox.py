@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 
-from orchestrator.mailbox import Mailbox, drain
+from orchestrator.mailbox import Mailbox, drain, drain_while_alive
 from orchestrator.tracking import MetricsReceiver
 from tests.conftest import tracking_uri
 
@@ -117,8 +117,7 @@ def test_rank0_keeps_its_metrics_while_the_driver_does_not_answer(
     flushed: list[bool] = []
     sender = threading.Thread(target=lambda: flushed.append(out.flush()))
     sender.start()
-    while sender.is_alive():
-        drain(mailbox, receiver.handle)
+    drain_while_alive(mailbox, sender, receiver.handle)
     assert flushed == [True] and not out.pending
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [
         (7, 0.5)
