@@ -249,10 +249,13 @@ def fit(
     name: str,
     mailbox,
     callbacks: list | None = None,
+    shared: dict[str, Any] | None = None,
 ) -> Any:
     """Run the job's workers to completion. Returns Ray's Result; raises on training failure.
 
     `callbacks` are Ray Train controller callbacks (a sweep trial passes Tune's reporter).
+    `shared` is `shared_data.start`'s refs when the caller already started them (a sweep
+    whose trials all train on the same data); by default this run builds its own.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
@@ -276,7 +279,7 @@ def fit(
             "run_id": run_id,
             "mailbox": mailbox,
             # Built while Ray Train starts its workers, once for all of them.
-            "shared": shared_data.start(cfg),
+            "shared": shared if shared is not None else shared_data.start(cfg),
         },
         # gloo on CPU, NCCL on GPU: set explicitly so the choice is visible, not inferred.
         torch_config=torch_config_cls(backend="nccl" if use_gpu else "gloo"),

@@ -13,6 +13,10 @@ reason they run at a lower CPU priority (nice 10), so they use the idle moments 
 start-up rather than compete with it, each in a process of its own that exits afterwards
 (`max_calls=1`: the lowered priority and the imports go with it, not into Ray's worker pool).
 Reference scores only need to be logged, not waited for: rank 0 logs them when ready.
+
+A sweep whose trials all read the same `job` section and `seed` (the usual case: it varies
+optimizer, schedule and trainer keys) starts the tasks once, on its own driver, and every
+trial's workers fetch the same objects: see `same_for_every_trial`.
 """
 
 from __future__ import annotations
@@ -40,6 +44,12 @@ def _references(job_section: dict[str, Any], splits: Splits) -> dict[str, float]
     job = load_job(job_section["name"])
     assert job.references is not None  # start() only asks for them when the job has some
     return job.references(job_config(job, job_section), splits)
+
+
+def same_for_every_trial(swept_keys: list[str]) -> bool:
+    """Whether trials that differ only in `swept_keys` build the same data and references:
+    the tasks read nothing but the `job` section and `seed` (see _build_data)."""
+    return not any(key in ("job", "seed") or key.startswith("job.") for key in swept_keys)
 
 
 def start(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -158,9 +158,18 @@ def _validate_space(fixed: list[str], dims: list[Dimension]) -> dict[str, dict[s
 
 
 def _trial(
-    params: dict[str, Any], *, base, group_options, parent_id, experiment_id, sweep_name, use_gpu
+    params: dict[str, Any],
+    *,
+    base,
+    group_options,
+    parent_id,
+    experiment_id,
+    sweep_name,
+    use_gpu,
+    shared,
 ):
-    """One Tune trial: one child MLflow run and one Ray Train run of the shared loop."""
+    """One Tune trial: one child MLflow run and one Ray Train run of the shared loop.
+    `shared`: the sweep's data refs when every trial trains on the same data, else None."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -199,6 +208,7 @@ def _trial(
         f"{sweep_name}-{trial_id}",
         mailbox,
         callbacks=[TuneReportCallback()],  # made here: it needs this trial's Tune session
+        shared=shared,
     )
     drain_while_alive(mailbox, thread, on_event)
     if "error" in box:
@@ -314,6 +324,8 @@ def _run(
     _quiet_tune()
     from ray import tune
 
+    from orchestrator import shared_data
+
     sw, trk = base["sweep"], base["tracking"]
     client = tracking.client(trk["uri"])
     if resume_id:
@@ -354,6 +366,11 @@ def _run(
     )
     print(f"If interrupted, resume with: orchestrate -m sweep.resume={parent_id}", flush=True)
 
+    # Built once for the whole sweep when no trial's data differs (a task per trial otherwise:
+    # two processes each, on the cores the trials train on).
+    shared = (
+        shared_data.start(base) if shared_data.same_for_every_trial([d.key for d in dims]) else None
+    )
     trainable = tune.with_resources(
         tune.with_parameters(
             _trial,
@@ -363,6 +380,7 @@ def _run(
             experiment_id=experiment_id,
             sweep_name=sweep_name,
             use_gpu=use_gpu,
+            shared=shared,
         ),
         TRIAL_DRIVER_RESOURCES,
     )

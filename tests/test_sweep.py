@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from ray import tune
 
@@ -104,3 +106,30 @@ def test_sweep_syntax_without_m_is_a_clear_error(tmp_path):
     assert out.stderr.strip() == (
         "error: optim.lr: 'optim.lr=1e-3,1e-2' is a sweep — add -m to run a sweep, or give one value"
     )
+
+
+@pytest.mark.parametrize(
+    "overrides, same",
+    [
+        (["optim=adamw,sgd", "optim.lr=1e-3,1e-2", "trainer.batch_size=16,32"], True),
+        (["sched=constant,cosine", "trainer.max_epochs=2,4"], True),
+        (["optim.lr=1e-3,1e-2", "job.dropout=0.1,0.3"], False),
+        (["job.split_seed=0,1"], False),
+        (["seed=0,1"], False),
+    ],
+)
+def test_a_sweep_builds_its_data_once_only_when_no_trial_reads_other_data(overrides, same):
+    from orchestrator import shared_data
+    from orchestrator.sweep import _validate_space
+
+    fixed = ["job=mlp_tabular"]
+    dims = list(dims_of(*overrides).values())
+    assert shared_data.same_for_every_trial([d.key for d in dims]) is same
+    # What the tasks read (the job section and the seed), in every corner of the grid.
+    base = compose_config(fixed)
+    options = _validate_space(fixed, dims)
+    read = set()
+    for values in itertools.product(*(d.values for d in dims)):
+        cfg = trial_config(base, options, {d.key: v for d, v in zip(dims, values, strict=True)})
+        read.add(repr((cfg["job"], cfg["seed"])))
+    assert (len(read) == 1) is same

@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import (
+    HEAD_DASHBOARD,
     run_cli,
     runs_of,
     start_cli,
@@ -25,6 +26,19 @@ def parent_and_children(directory):
     (parent,) = [r for r in runs if r.data.tags.get("orchestrator.sweep") == "true"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     return parent, children
+
+
+def data_builds() -> int:
+    """How many data-building tasks (shared_data._build_data) the session's head has run."""
+    from ray.util.state import list_tasks
+
+    tasks = list_tasks(
+        address=HEAD_DASHBOARD[0],
+        filters=[("name", "=", "_build_data")],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    return len({t.task_id for t in tasks})
 
 
 def test_asha_sweep_of_16_trials_completes_and_promotes_the_best(tmp_path, ray_head):
@@ -74,6 +88,7 @@ def test_asha_sweep_of_16_trials_completes_and_promotes_the_best(tmp_path, ray_h
 
 
 def test_grid_sweep_of_8_trials_with_2_workers_each(tmp_path, ray_head):
+    builds_before = data_builds()
     out = run_cli(
         [
             "-m",
@@ -103,6 +118,9 @@ def test_grid_sweep_of_8_trials_with_2_workers_each(tmp_path, ray_head):
     }
     assert len(combos) == 8  # the whole grid, once each
     assert all(c.data.params["trainer.num_workers"] == "2" for c in children)
+    # No trial's data differs (no job.* or seed swept): built once for the sweep, not 8 times.
+    wait_for(lambda: data_builds() > builds_before, 30, "the head to list the data task")
+    assert data_builds() == builds_before + 1
 
 
 @pytest.mark.fault
