@@ -28,6 +28,9 @@ from orchestrator.job import Splits, job_config, load_job
 
 # Background work: yield the CPU to the processes starting the workers (see above).
 _NICENESS = 10
+# The only parts of the config the tasks are given (`start`): trials that differ in nothing
+# under these build the same data.
+_INPUTS = ("job", "seed")
 
 
 def _build_data(job_section: dict[str, Any], seed: int) -> Splits:
@@ -47,9 +50,8 @@ def _references(job_section: dict[str, Any], splits: Splits) -> dict[str, float]
 
 
 def same_for_every_trial(swept_keys: list[str]) -> bool:
-    """Whether trials that differ only in `swept_keys` build the same data and references:
-    the tasks read nothing but the `job` section and `seed` (see _build_data)."""
-    return not any(key in ("job", "seed") or key.startswith("job.") for key in swept_keys)
+    """Whether trials that differ only in `swept_keys` build the same data and references."""
+    return not any(key.split(".")[0] in _INPUTS for key in swept_keys)
 
 
 def start(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -58,11 +60,12 @@ def start(cfg: dict[str, Any]) -> dict[str, Any]:
     import ray
 
     in_background = ray.remote(num_cpus=0, max_calls=1)
-    refs: dict[str, Any] = {"splits": in_background(_build_data).remote(cfg["job"], cfg["seed"])}
-    if load_job(cfg["job"]["name"]).references is not None:
+    job_section, seed = (cfg[key] for key in _INPUTS)
+    refs: dict[str, Any] = {"splits": in_background(_build_data).remote(job_section, seed)}
+    if load_job(job_section["name"]).references is not None:
         # The splits ref as an argument: Ray hands the task the built splits, not a copy of
         # the work.
-        refs["references"] = in_background(_references).remote(cfg["job"], refs["splits"])
+        refs["references"] = in_background(_references).remote(job_section, refs["splits"])
     return refs
 
 
