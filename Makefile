@@ -42,7 +42,7 @@ test-fast: $(STAMP)  ## everything except the end-to-end Ray runs
 reliability: $(STAMP)  ## the whole fault-injection and bad-input matrix, with its figures
 	$(BIN)/python -m pytest -m "fault or bad_input"
 
-bench: $(STAMP)  ## measured figures (not part of the tests); see benchmarks/ and README "Performance"
+bench: $(STAMP)  ## measured figures (not part of the tests); see README "Performance" and benchmarks/NOTES.md
 	$(BIN)/python benchmarks/performance.py
 	$(BIN)/python benchmarks/sweep_efficiency.py
 

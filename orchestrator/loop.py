@@ -318,7 +318,7 @@ def run(
             # Gradients are identical on every rank after the all-reduce, so every rank sees
             # the same norm and stops together on NaN/inf, without an extra collective.
             # Without clipping, only the norm: clip_grad_norm_ would also scale every gradient
-            # by 1, a second pass over them (README, "Improvements made").
+            # by 1, a second pass over them (benchmarks/NOTES.md, "Improvements made").
             grad_norm = (
                 torch.nn.utils.clip_grad_norm_(params, clip)
                 if clip

@@ -2,8 +2,8 @@
 
 Rank 0 posts progress ticks (dropped if the driver falls behind), sends events the driver
 must see (the outcome), and makes requests the driver answers: its metrics, which the driver
-hands to MLflow. That is why workers hold no MLflow client (~90 MiB each, README
-"Performance"), and why rank 0 waits for the reply before it reports a checkpoint: once a
+hands to MLflow. That is why workers hold no MLflow client (~90 MiB each,
+benchmarks/NOTES.md), and why rank 0 waits for the reply before it reports a checkpoint: once a
 checkpoint exists, the metrics before it are in MLflow or in the driver's spill file, so a
 driver killed at any moment loses none.
 

@@ -22,7 +22,7 @@ runtime-env setup (a second Python start-up). On the embedded cluster every proc
 inherits the driver's environment (launch.connect sets it before `ray.init`), so embedded
 runs start both without one (measured on 2 CPUs, cold cnn_digits, medians of 5 alternated
 pairs: fit → workers entered 7.9 → 6.9 s, first step 17.9 → 15.9 s after `main()`; within
-the noise of B2's ratio, see the README's Performance section).
+the noise of B2's ratio, see benchmarks/NOTES.md).
 
 `_create_default_callbacks`, `_initialize_and_run_controller`, `_register_sigint_handler`,
 `TrainController.worker_group_cls` and `WorkerGroup._get_worker_runtime_env` are private Ray
