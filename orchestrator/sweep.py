@@ -25,6 +25,8 @@ import shlex
 import signal
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -412,7 +414,7 @@ def _run(
             ),
         )
     started = time.monotonic()
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    previous = {s: signal.signal(s, _INTERRUPTS.handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
@@ -421,7 +423,9 @@ def _run(
         print(f"\nSweep interrupted. Resume with: orchestrate -m sweep.resume={parent_id}")
         return 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            if signal.getsignal(signum) is _INTERRUPTS.handler:  # not the SIG_IGN set above
+                signal.signal(signum, handler)
     rows = _reconcile(client, parent_id, results, base["trainer"]["max_epochs"], metric)
     ok = [r for r in rows if r["status"] == "FINISHED" and r[metric] is not None]
     if not ok:
@@ -445,8 +449,36 @@ def _run(
     return 0
 
 
-def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt
+class _DeferredInterrupts:
+    """Ctrl-C and SIGTERM stop the sweep driver as KeyboardInterrupt, but never in the middle
+    of one of its own MLflow calls (`shielded`): there they wait until the call is done. An
+    interrupt that cut a SQLite transaction short left the database locked to this process,
+    so marking the sweep KILLED then failed ("database is locked", exit 1, the parent run left
+    RUNNING; seen once in the interrupted-sweep test)."""
+
+    def __init__(self) -> None:
+        self.depth = 0  # how many shielded sections are open
+        self.pending = False
+
+    def handler(self, signum, frame) -> None:
+        if self.depth:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextmanager
+    def shielded(self) -> Iterator[None]:
+        self.depth += 1
+        try:
+            yield
+        finally:
+            self.depth -= 1
+            if not self.depth and self.pending:
+                self.pending = False
+                raise KeyboardInterrupt
+
+
+_INTERRUPTS = _DeferredInterrupts()
 
 
 def _search(name: str, metric: str, mode: str):
@@ -515,14 +547,15 @@ def _child_closer(uri: str, parent_id: str, max_epochs: int, metric: str, mode: 
         def _close(self, trial, failed: bool) -> None:
             early, epochs = False, None
             try:
-                _, _, epochs, early = _close_child(
-                    tracking.client(uri),
-                    parent_id,
-                    trial.trial_id,
-                    trial.last_result or {},
-                    failed,
-                    max_epochs,
-                )
+                with _INTERRUPTS.shielded():  # a Ctrl-C now is raised once the writes are done
+                    _, _, epochs, early = _close_child(
+                        tracking.client(uri),
+                        parent_id,
+                        trial.trial_id,
+                        trial.last_result or {},
+                        failed,
+                        max_epochs,
+                    )
             except Exception as exc:  # the final reconciliation will try again
                 print(
                     f"warning: could not close the run of trial {trial.trial_id}: {exc}", flush=True
