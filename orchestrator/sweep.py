@@ -424,7 +424,8 @@ def _run(
         return 130
     finally:
         for signum, handler in previous.items():
-            if signal.getsignal(signum) is _INTERRUPTS.handler:  # not the SIG_IGN set above
+            # `==`: each `_INTERRUPTS.handler` is a new bound method, never `is` the one set.
+            if signal.getsignal(signum) == _INTERRUPTS.handler:  # not the SIG_IGN set above
                 signal.signal(signum, handler)
     rows = _reconcile(client, parent_id, results, base["trainer"]["max_epochs"], metric)
     ok = [r for r in rows if r["status"] == "FINISHED" and r[metric] is not None]
