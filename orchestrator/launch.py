@@ -20,19 +20,13 @@ from orchestrator.errors import UserError
 # Ray only binds its servers to 127.0.0.1 (instead of the machine's network address) when it
 # believes it runs on a laptop OS; this switch, read at `import ray`, asks for exactly that.
 _LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-# Ray Train V2's controller polls its workers every 2 s, and a report that carries a
-# checkpoint waits for that poll: 2 s lost per epoch. 0.25 s cuts it to ~0.25 s (measured).
-_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25"}
 # Only for the embedded cluster, which lives and dies with this process on this machine: no
 # cloud can preempt it (the preemption watcher is one more actor process per run) and nothing
 # scrapes its Prometheus metrics. Each process saved is ~1 s of start-up on a small machine.
-# The last one Ray Train sets for its controller alone (an async actor that blocks on
-# purpose); here every process inherits it, so the controller needs no runtime env of its own
-# (orchestrator/trainers.py).
+# Every process of the embedded Ray inherits these (no runtime env needed: trainers.py).
 _EMBEDDED_ENV = {
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
     "RAY_TRAIN_METRICS_ENABLED": "0",
-    "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
 }
 
 
@@ -90,7 +84,7 @@ def connect(cluster: dict[str, Any], state_api: bool = False) -> ClusterResource
         # carries code through the Jobs API instead.
     )
     if cluster["address"] is None:
-        for key, value in {**_POLL_ENV, **_EMBEDDED_ENV}.items():
+        for key, value in _EMBEDDED_ENV.items():
             os.environ.setdefault(key, value)  # inherited by the processes the embedded Ray starts
         from orchestrator.loopback import loopback_interface
 
@@ -111,7 +105,9 @@ def connect(cluster: dict[str, Any], state_api: bool = False) -> ClusterResource
         ray._private.utils.write_ray_address(ray.get_runtime_context().gcs_address)
     else:
         try:
-            ray.init(address=cluster["address"], runtime_env={"env_vars": _POLL_ENV}, **common)
+            # No job-wide runtime env: an actor or task with one cannot use the idle worker
+            # processes Ray keeps ready (see trainers.py, which sets the controller's poll).
+            ray.init(address=cluster["address"], **common)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             raise UserError(
                 "cluster.address",

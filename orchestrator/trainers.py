@@ -18,20 +18,25 @@ on 2 CPUs), and two of them sit on the path to the first step:
 Ray Train also gives its controller and its workers a runtime env of their own, to carry the
 driver's RAY_TRAIN_* settings to another machine. An actor with a runtime env cannot be one of
 the idle worker processes Ray keeps ready: Ray starts a new process for it, through its
-runtime-env setup (a second Python start-up). On the embedded cluster every process already
-inherits the driver's environment (launch.connect sets it before `ray.init`), so embedded
-runs start both without one (measured on 2 CPUs, cold cnn_digits, medians of 5 alternated
-pairs: fit → workers entered 7.9 → 6.9 s, first step 17.9 → 15.9 s after `main()`; within
-the noise of B2's ratio, see benchmarks/NOTES.md).
+runtime-env setup (a second Python start-up). So the controller and workers start without one
+wherever there is nothing to carry: on the embedded cluster every process already inherits
+the driver's environment (launch.connect sets it before `ray.init`), and on any other cluster
+when the driver has no RAY_TRAIN_* setting of its own (a user who sets one gets Ray's way).
+The one setting we need, a 0.25 s poll instead of Ray's 2 s, is set by the controller class
+itself (`JobTrainController`), not through the environment. Measured on 2 CPUs: embedded,
+cold cnn_digits, medians of 5 alternated pairs: fit → workers entered 7.9 → 6.9 s; on a
+`ray start` head: see benchmarks/NOTES.md.
 
 `_create_default_callbacks`, `_initialize_and_run_controller`, `_register_sigint_handler`,
-`TrainController.worker_group_cls` and `WorkerGroup._get_worker_runtime_env` are private Ray
-API (2.60): tests/test_trainers.py checks what each class leaves out and keeps, so a Ray
-upgrade that renames them fails a test instead of silently bringing the cost back.
+`TrainController.worker_group_cls`, `TrainController._health_check_interval_s` and
+`WorkerGroup._get_worker_runtime_env` are private Ray API (2.60): tests/test_trainers.py checks
+what each class leaves out and keeps, so a Ray upgrade that renames them fails a test instead
+of silently bringing the cost back.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 import ray
@@ -39,6 +44,11 @@ from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import (
     PlacementGroupCleanerCallback,
+)
+from ray.train.v2._internal.constants import (
+    HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+    RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+    get_env_vars_to_propagate,
 )
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ScalingPolicy
@@ -56,19 +66,36 @@ class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
         pass
 
 
-class EmbeddedWorkerGroup(WorkerGroup):
-    """Workers that take the driver's settings from the environment they inherit: no runtime
-    env beyond the user's (none here), so an idle Ray worker process can serve."""
+# Ray Train V2's controller polls its workers every 2 s, and a report that carries a
+# checkpoint waits for that poll: 2 s lost per epoch. 0.25 s cuts it to ~0.25 s (measured).
+POLL_INTERVAL_S = 0.25
+
+
+class WorkerGroupWithoutRuntimeEnv(WorkerGroup):
+    """Workers with no runtime env beyond the user's (none here), so an idle Ray worker process
+    can serve: for runs whose driver has no RAY_TRAIN_* setting to carry to them."""
 
     @staticmethod
     def _get_worker_runtime_env(custom_runtime_env):
         return dict(custom_runtime_env)
 
 
-class EmbeddedTrainController(TrainController):
-    """Ray's controller, starting `EmbeddedWorkerGroup`s."""
+class JobTrainController(TrainController):
+    """Ray's controller, polling every POLL_INTERVAL_S unless the user set Ray's variable."""
 
-    worker_group_cls = EmbeddedWorkerGroup
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if HEALTH_CHECK_INTERVAL_S_ENV_VAR not in os.environ:
+            self._health_check_interval_s = POLL_INTERVAL_S
+        # Ray gives its controller this in a runtime env: it blocks its event loop on purpose.
+        # This process hosts the controller alone and ends with it.
+        os.environ.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, "0")
+
+
+class TrainControllerWithoutRuntimeEnv(JobTrainController):
+    """The controller, starting `WorkerGroupWithoutRuntimeEnv`s."""
+
+    worker_group_cls = WorkerGroupWithoutRuntimeEnv
 
 
 class JobTorchTrainer(TorchTrainer):
@@ -92,15 +119,31 @@ class JobTorchTrainer(TorchTrainer):
             return ray_default
         return FixedScalingWithoutAutoscaler(ray_default.scaling_config)
 
+    def settings_to_carry(self) -> dict[str, str]:
+        """The driver's RAY_TRAIN_* settings that the controller and workers would not see
+        otherwise: none on the embedded cluster, whose processes inherit the driver's env."""
+        return {} if self.embedded else get_env_vars_to_propagate()
+
+    def controller_actor(self):
+        """The controller's actor class. Pinned to the driver's node, as Ray does; with a
+        runtime env (Ray's way) only when there are settings to carry."""
+        options = {
+            "num_cpus": 0,
+            "label_selector": {
+                ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()
+            },
+        }
+        settings = self.settings_to_carry()
+        if not settings:
+            return ray.remote(**options)(TrainControllerWithoutRuntimeEnv)
+        settings.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, "0")
+        return ray.remote(**options, runtime_env={"env_vars": settings})(JobTrainController)
+
     def _initialize_and_run_controller(self, **controller_init_kwargs):
+        # Ray's method, with our controller class and policy.
         ray_default = controller_init_kwargs["scaling_policy"]
         controller_init_kwargs["scaling_policy"] = self.scaling_policy(ray_default)
-        if not self.embedded:
-            return super()._initialize_and_run_controller(**controller_init_kwargs)
-        # Ray's method, minus the controller's runtime env (and the node pin: one node).
-        controller = ray.remote(num_cpus=0)(EmbeddedTrainController).remote(
-            **controller_init_kwargs
-        )
+        controller = self.controller_actor().remote(**controller_init_kwargs)
         if threading.current_thread() is threading.main_thread():  # not inside a Tune trial
             self._register_sigint_handler(controller)
         ray.get(controller.run.remote())

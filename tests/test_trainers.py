@@ -4,6 +4,7 @@ Train's defaults, checked on the classes and on a real embedded run's processes.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,7 @@ from ray.train.v2._internal.execution.scaling_policy import (
 )
 
 from orchestrator.trainers import (
+    POLL_INTERVAL_S,
     EmbeddedSweepTrialTrainer,
     EmbeddedTorchTrainer,
     FixedScalingWithoutAutoscaler,
@@ -108,28 +110,31 @@ def test_an_embedded_job_starts_no_helper_it_does_not_need(tmp_path):
     with training_under_way(args, tmp_path, timeout=300) as proc:
         titles = _process_titles(psutil.Process(proc.pid))
     # Not vacuous: the run's own Ray Train actors are seen by their process titles.
-    # (The controller is Ray's TrainController or, embedded, our EmbeddedTrainController.)
+    # (The controller is Ray's TrainController or one of ours, each named *TrainController*.)
     for actor in ("TrainController", "ray::RayTrainWorker", "ray::SynchronizationActor"):
         assert actor in titles, f"{actor} not among:\n{titles}"
     for helper in ("DatasetManager", "AutoscalingCoordinator", "PlacementGroupCleaner"):
         assert helper not in titles, f"{helper} started:\n{titles}"
 
 
-# Run in a process of its own: an embedded Ray started as `orchestrate` starts it, then one tiny
-# fit with our embedded trainer and one with Ray's; each worker and the controller (through a
-# user callback, which runs there) write what runtime env they got and the driver's poll setting.
+# Run in a process of its own: an embedded Ray started as `orchestrate` starts it (argv[2]
+# "embedded") or the session's head joined (argv[2] its address), then tiny fits, one per
+# (label, trainer, RAY_TRAIN_* settings in the driver's env); each worker and the controller
+# (through a user callback, which runs there) write what runtime env they got, the poll
+# variable they see and, in the controller, the poll interval it uses.
 _RUNTIME_ENVS = r"""
-import json, os, pathlib, sys
+import gc, json, os, pathlib, sys
 import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2.api.callback import UserCallback
 from orchestrator.launch import connect, shutdown
-from orchestrator.trainers import EmbeddedTorchTrainer
+from orchestrator.trainers import EmbeddedTorchTrainer, JobTorchTrainer
 
-def record(path):
+def record(path, **extra):
     seen = {"runtime_env": dict(ray.get_runtime_context().runtime_env),
-            "poll": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+            "poll_env": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"), **extra}
     pathlib.Path(path).write_text(json.dumps(seen))
 
 def train_fn(config):
@@ -140,42 +145,77 @@ class RecordController(UserCallback):
     def __init__(self, out):
         self.out = out
     def after_report(self, run_context, metrics, checkpoint):
-        record(f"{self.out}/controller.json")
+        (controller,) = [o for o in gc.get_objects() if isinstance(o, TrainController)]
+        record(f"{self.out}/controller.json", interval=controller._health_check_interval_s)
 
-connect({"address": None, "num_cpus": 2, "show_worker_logs": False})
-root = pathlib.Path(sys.argv[1])
+root, where = pathlib.Path(sys.argv[1]), sys.argv[2]
+if where == "embedded":
+    connect({"address": None, "num_cpus": 2, "show_worker_logs": False})
+    fits = [("ours", EmbeddedTorchTrainer, {}), ("rays", TorchTrainer, {})]
+else:
+    connect({"address": where, "num_cpus": None, "show_worker_logs": False})
+    fits = [("ours", JobTorchTrainer, {}),
+            ("ours_with_a_setting", JobTorchTrainer, {"RAY_TRAIN_COLLECTIVE_WARN_INTERVAL_S": "77"})]
 try:
-    for cls in (EmbeddedTorchTrainer, TorchTrainer):
-        out = root / cls.__name__
+    for label, cls, settings in fits:
+        os.environ.update(settings)
+        out = root / label
         out.mkdir()
         cls(train_fn, train_loop_config={"out": str(out)},
             scaling_config=ScalingConfig(num_workers=2),
-            run_config=RunConfig(name=cls.__name__, storage_path=str(root / "storage"),
+            run_config=RunConfig(name=label, storage_path=str(root / "storage"),
                                  callbacks=[RecordController(str(out))])).fit()
+        for key in settings:
+            del os.environ[key]
 finally:
-    shutdown()  # as `orchestrate` ends: Ray stopped, its private temp dir removed
+    shutdown()  # as `orchestrate` ends: Ray stopped (or left), its private temp dir removed
 """
+
+
+def _runtime_envs(tmp_path, where: str) -> dict[str, dict[str, dict]]:
+    """{fit label: {"controller" | "worker-<rank>": what that process recorded}}."""
+    script = tmp_path / "runtime_envs.py"
+    script.write_text(_RUNTIME_ENVS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_TRAIN_")}
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), where],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    fits = {}
+    for label in sorted(p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != "storage"):
+        files = sorted((tmp_path / label).glob("*.json"))
+        fits[label] = {f.stem: json.loads(f.read_text()) for f in files}
+        assert sorted(fits[label]) == ["controller", "worker-0", "worker-1"], label
+    return fits
 
 
 @pytest.mark.slow
 def test_embedded_controller_and_workers_inherit_the_driver_env_without_a_runtime_env(tmp_path):
-    script = tmp_path / "runtime_envs.py"
-    script.write_text(_RUNTIME_ENVS)
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    fits = _runtime_envs(tmp_path, "embedded")
+    assert sorted(fits) == ["ours", "rays"]
+    for process, got in fits["ours"].items():
+        # No runtime env: any idle Ray worker process can serve; the embedded settings arrive.
+        assert got["runtime_env"] == {}, process
+    # The poll interval comes from our controller class, not from the environment.
+    assert fits["ours"]["controller"]["poll_env"] is None
+    assert fits["ours"]["controller"]["interval"] == POLL_INTERVAL_S
+    # Not vacuous: Ray's own trainer gives each its own runtime env, and polls every 2 s.
+    for process, got in fits["rays"].items():
+        assert got["runtime_env"]["env_vars"], process
+    assert fits["rays"]["controller"]["interval"] == 2.0
 
-    def seen(trainer: str) -> dict[str, dict]:
-        files = sorted((tmp_path / trainer).glob("*.json"))
-        return {f.stem: json.loads(f.read_text()) for f in files}
 
-    ours, rays = seen("EmbeddedTorchTrainer"), seen("TorchTrainer")
-    assert sorted(ours) == sorted(rays) == ["controller", "worker-0", "worker-1"]
-    for process, got in ours.items():
-        # No runtime env: any idle Ray worker process can serve; the setting still arrives.
-        assert got == {"runtime_env": {}, "poll": "0.25"}, process
-    # Not vacuous: Ray's own trainer carries the same setting in a runtime env of their own.
-    for process, got in rays.items():
-        assert got["runtime_env"]["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.25"
-        assert got["poll"] == "0.25", process
+@pytest.mark.slow
+def test_on_a_cluster_a_runtime_env_carries_only_the_users_ray_train_settings(tmp_path, ray_head):
+    fits = _runtime_envs(tmp_path, ray_head)
+    assert sorted(fits) == ["ours", "ours_with_a_setting"]
+    # Nothing to carry: no runtime env, so idle worker processes serve (the job has none either).
+    for process, got in fits["ours"].items():
+        assert got["runtime_env"] == {}, process
+    assert fits["ours"]["controller"]["interval"] == POLL_INTERVAL_S
+    # A RAY_TRAIN_* setting in the driver's environment reaches every process, Ray's way.
+    for process, got in fits["ours_with_a_setting"].items():
+        env_vars = got["runtime_env"]["env_vars"]
+        assert env_vars["RAY_TRAIN_COLLECTIVE_WARN_INTERVAL_S"] == "77", process
+    assert fits["ours_with_a_setting"]["controller"]["interval"] == POLL_INTERVAL_S
