@@ -21,6 +21,7 @@ from typing import Any
 
 from orchestrator import launch, preflight, resume, tracking
 from orchestrator.errors import TrainingFailed
+from orchestrator.interrupts import DeferredInterrupts
 from orchestrator.job import load_job
 from orchestrator.progress import ProgressDisplay
 
@@ -33,8 +34,8 @@ class Interrupted(Exception):
         self.signum = signum
 
 
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
+# While training: Interrupted at once, except inside the driver's MLflow writes.
+_INTERRUPTS = DeferredInterrupts(Interrupted)
 
 
 def _run_name(job: str, overrides: list[str]) -> str:
@@ -149,14 +150,12 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) ->
     local_dir = None if "://" in run_dir else run_dir
     cfg = {**cfg, "launch": {"started_at": started_at, "run_dir": local_dir}}
 
-    previous = {s: signal.signal(s, _raise_interrupted) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = _INTERRUPTS.install()
     display = ProgressDisplay(job.main_metric)
     # Rank 0's metrics reach MLflow through here (the workers hold no MLflow client).
     spill = os.path.join(local_dir, tracking.UNDELIVERED_METRICS) if local_dir else None
     receiver = tracking.MetricsReceiver(trk["uri"], run_id, spill)
-
-    def on_event(event: dict[str, Any]):
-        return receiver.handle(event) if event["type"] in receiver.KINDS else display.handle(event)
+    on_event = event_handler(receiver, display)
 
     t0 = time.monotonic()
     try:
@@ -206,11 +205,24 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) ->
         tracking.end_run(trk["uri"], run_id, "FAILED", f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        for s, handler in previous.items():
+        for s, handler in previous.items():  # SIG_IGN included: the final status is written
             signal.signal(s, handler)
 
     _summary(display, cfg, run_id, time.monotonic() - t0)
     return 0
+
+
+def event_handler(receiver: tracking.MetricsReceiver, display: ProgressDisplay):
+    """Rank 0's events: metrics to MLflow (shielded from Ctrl-C, see interrupts.py), the rest
+    to the display."""
+
+    def on_event(event: dict[str, Any]):
+        if event["type"] not in receiver.KINDS:
+            return display.handle(event)
+        with _INTERRUPTS.shielded():
+            return receiver.handle(event)
+
+    return on_event
 
 
 def _finish(cfg, job, run_id, result) -> None:

@@ -25,13 +25,12 @@ import shlex
 import signal
 import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from orchestrator import launch, preflight, tracking
 from orchestrator.errors import TrainingFailed, UserError
+from orchestrator.interrupts import DeferredInterrupts
 
 TRIAL_DRIVER_RESOURCES: dict[str, float] = {
     "cpu": 0,
@@ -414,7 +413,7 @@ def _run(
             ),
         )
     started = time.monotonic()
-    previous = {s: signal.signal(s, _INTERRUPTS.handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous = _INTERRUPTS.install()
     try:
         results = tuner.fit()
     except KeyboardInterrupt:
@@ -423,10 +422,7 @@ def _run(
         print(f"\nSweep interrupted. Resume with: orchestrate -m sweep.resume={parent_id}")
         return 130
     finally:
-        for signum, handler in previous.items():
-            # `==`: each `_INTERRUPTS.handler` is a new bound method, never `is` the one set.
-            if signal.getsignal(signum) == _INTERRUPTS.handler:  # not the SIG_IGN set above
-                signal.signal(signum, handler)
+        _INTERRUPTS.restore(previous)  # where not SIG_IGN (set above while KILLED is written)
     rows = _reconcile(client, parent_id, results, base["trainer"]["max_epochs"], metric)
     ok = [r for r in rows if r["status"] == "FINISHED" and r[metric] is not None]
     if not ok:
@@ -450,36 +446,12 @@ def _run(
     return 0
 
 
-class _DeferredInterrupts:
-    """Ctrl-C and SIGTERM stop the sweep driver as KeyboardInterrupt, but never in the middle
-    of one of its own MLflow calls (`shielded`): there they wait until the call is done. An
-    interrupt that cut a SQLite transaction short left the database locked to this process,
-    so marking the sweep KILLED then failed ("database is locked", exit 1, the parent run left
-    RUNNING; seen once in the interrupted-sweep test)."""
-
-    def __init__(self) -> None:
-        self.depth = 0  # how many shielded sections are open
-        self.pending = False
-
-    def handler(self, signum, frame) -> None:
-        if self.depth:
-            self.pending = True
-            return
-        raise KeyboardInterrupt
-
-    @contextmanager
-    def shielded(self) -> Iterator[None]:
-        self.depth += 1
-        try:
-            yield
-        finally:
-            self.depth -= 1
-            if not self.depth and self.pending:
-                self.pending = False
-                raise KeyboardInterrupt
+def _keyboard_interrupt(signum: int) -> BaseException:
+    return KeyboardInterrupt()
 
 
-_INTERRUPTS = _DeferredInterrupts()
+# During `tuner.fit()`: KeyboardInterrupt, but never inside the driver's own MLflow calls.
+_INTERRUPTS = DeferredInterrupts(_keyboard_interrupt)
 
 
 def _search(name: str, metric: str, mode: str):

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import itertools
-import os
-import signal
-import time
 
 import pytest
 from ray import tune
 
 from orchestrator.cli import compose_config
 from orchestrator.errors import UserError
-from orchestrator.sweep import Dimension, _DeferredInterrupts, split_overrides, trial_config
+from orchestrator.sweep import Dimension, split_overrides, trial_config
 
 GROUPS = ["optim", "sched"]
 
@@ -136,27 +133,3 @@ def test_a_sweep_builds_its_data_once_only_when_no_trial_reads_other_data(overri
         cfg = trial_config(base, options, {d.key: v for d, v in zip(dims, values, strict=True)})
         read.add(repr((cfg["job"], cfg["seed"])))
     assert (len(read) == 1) is same
-
-
-def test_ctrl_c_during_the_drivers_mlflow_writes_is_raised_once_they_are_done():
-    """The sweep driver's MLflow calls run shielded: a Ctrl-C that arrives in the middle waits
-    for the end of the section (a SQLite transaction cut short locked the database), and one
-    outside any section interrupts at once, as before."""
-    interrupts = _DeferredInterrupts()
-    previous = signal.signal(signal.SIGINT, interrupts.handler)
-    done = []
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            with interrupts.shielded():
-                os.kill(os.getpid(), signal.SIGINT)
-                time.sleep(0.2)  # the handler runs in this (the main) thread meanwhile
-                done.append("the writes")
-        assert done == ["the writes"]
-        assert not interrupts.pending
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(5)
-            done.append("not reached")
-        assert done == ["the writes"]
-    finally:
-        signal.signal(signal.SIGINT, previous)
