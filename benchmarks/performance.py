@@ -475,8 +475,10 @@ def start_head(attempts: int = 3) -> tuple[str, str]:
 
 def stop_head(session: str) -> None:
     """Stop exactly this head's processes (`ray stop` would stop every Ray on the machine)."""
+    # Never this process or its parents, whose command line may name the session too.
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     roots = [p for p in psutil.process_iter(["cmdline"])
-             if session in " ".join(p.info["cmdline"] or [])]  # fmt: skip
+             if p.pid not in mine and session in " ".join(p.info["cmdline"] or [])]  # fmt: skip
     procs = {q.pid: q for p in roots for q in [p, *p.children(recursive=True)]}
     for q in procs.values():
         try:

@@ -142,8 +142,12 @@ def _session_dir_of(port: int) -> str:
 
 def _stop_session(session: str) -> None:
     """Stop exactly this head's processes (`ray stop` would stop every Ray on the machine)."""
+    # Never this process or its parents, whose command line may name the session too.
+    mine = {os.getpid(), *(p.pid for p in psutil.Process().parents())}
     roots = [
-        p for p in psutil.process_iter(["cmdline"]) if session in " ".join(p.info["cmdline"] or [])
+        p
+        for p in psutil.process_iter(["cmdline"])
+        if p.pid not in mine and session in " ".join(p.info["cmdline"] or [])
     ]
     procs = {q.pid: q for p in roots for q in [p, *p.children(recursive=True)]}
     for q in procs.values():
