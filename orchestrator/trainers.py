@@ -87,8 +87,8 @@ class JobTrainController(TrainController):
         super().__init__(*args, **kwargs)
         if HEALTH_CHECK_INTERVAL_S_ENV_VAR not in os.environ:
             self._health_check_interval_s = POLL_INTERVAL_S
-        # Ray gives its controller this in a runtime env: it blocks its event loop on purpose.
-        # This process hosts the controller alone and ends with it.
+        # Ray gives its controller this in its runtime env (here: set for either kind): it
+        # blocks its event loop on purpose. This process hosts the controller alone.
         os.environ.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, "0")
 
 
@@ -136,7 +136,6 @@ class JobTorchTrainer(TorchTrainer):
         settings = self.settings_to_carry()
         if not settings:
             return ray.remote(**options)(TrainControllerWithoutRuntimeEnv)
-        settings.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, "0")
         return ray.remote(**options, runtime_env={"env_vars": settings})(JobTrainController)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
