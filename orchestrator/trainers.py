@@ -27,9 +27,13 @@ itself (`JobTrainController`), not through the environment. Measured on 2 CPUs: 
 cold cnn_digits, medians of 5 alternated pairs: fit → workers entered 7.9 → 6.9 s; on a
 `ray start` head: see benchmarks/NOTES.md.
 
+On a cluster the driver joined, the workers also import torch's optimizer machinery while they
+wait for the group to start (orchestrator/worker_actor.py).
+
 `_create_default_callbacks`, `_initialize_and_run_controller`, `_register_sigint_handler`,
-`TrainController.worker_group_cls`, `TrainController._health_check_interval_s` and
-`WorkerGroup._get_worker_runtime_env` are private Ray API (2.60): tests/test_trainers.py checks
+`TrainController.worker_group_cls`, `TrainController._health_check_interval_s`,
+`WorkerGroup._worker_cls`, `WorkerGroup._get_worker_runtime_env` and `RayTrainWorker` are
+private Ray API (2.60): tests/test_trainers.py checks
 what each class leaves out and keeps, so a Ray upgrade that renames them fails a test instead
 of silently bringing the cost back.
 """
@@ -53,6 +57,8 @@ from ray.train.v2._internal.constants import (
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ScalingPolicy
 from ray.train.v2._internal.execution.worker_group import WorkerGroup
+
+from orchestrator.worker_actor import WorkerImportingAhead
 
 
 class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
@@ -80,8 +86,24 @@ class WorkerGroupWithoutRuntimeEnv(WorkerGroup):
         return dict(custom_runtime_env)
 
 
+class ClusterWorkerGroup(WorkerGroup):
+    """On a cluster this driver joined: workers that import what the first step needs while
+    they wait for the rest of the group (orchestrator/worker_actor.py). Not on the embedded
+    cluster, whose workers start right after Ray itself on the same CPUs: there the imports
+    ahead found no idle CPU and were no faster (benchmarks/NOTES.md)."""
+
+    _worker_cls = WorkerImportingAhead
+
+
+class ClusterWorkerGroupWithoutRuntimeEnv(ClusterWorkerGroup, WorkerGroupWithoutRuntimeEnv):
+    pass
+
+
 class JobTrainController(TrainController):
     """Ray's controller, polling every POLL_INTERVAL_S unless the user set Ray's variable."""
+
+    # The runtime-env path is taken on clusters only.
+    worker_group_cls: type[WorkerGroup] = ClusterWorkerGroup
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -93,9 +115,15 @@ class JobTrainController(TrainController):
 
 
 class TrainControllerWithoutRuntimeEnv(JobTrainController):
-    """The controller, starting `WorkerGroupWithoutRuntimeEnv`s."""
+    """The embedded cluster's controller, starting `WorkerGroupWithoutRuntimeEnv`s."""
 
     worker_group_cls = WorkerGroupWithoutRuntimeEnv
+
+
+class ClusterTrainControllerWithoutRuntimeEnv(JobTrainController):
+    """A joined cluster's controller when there are no settings to carry."""
+
+    worker_group_cls = ClusterWorkerGroupWithoutRuntimeEnv
 
 
 class JobTorchTrainer(TorchTrainer):
@@ -135,7 +163,11 @@ class JobTorchTrainer(TorchTrainer):
         }
         settings = self.settings_to_carry()
         if not settings:
-            return ray.remote(**options)(TrainControllerWithoutRuntimeEnv)
+            return ray.remote(**options)(
+                TrainControllerWithoutRuntimeEnv
+                if self.embedded
+                else ClusterTrainControllerWithoutRuntimeEnv
+            )
         return ray.remote(**options, runtime_env={"env_vars": settings})(JobTrainController)
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):

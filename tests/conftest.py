@@ -31,6 +31,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray Train workers' process titles: Ray's own actor class (embedded runs) and ours on a
+# cluster the driver joined (orchestrator/worker_actor.py).
+TRAIN_WORKER_TITLES = ("RayTrainWorker", "WorkerImportingAhead")
+
+
 def ray_processes() -> set[int]:
     """PIDs of Ray's per-cluster daemons and of training workers on this machine."""
     pids = set()
@@ -39,7 +44,7 @@ def ray_processes() -> set[int]:
             text = p.info["name"] + " " + " ".join(p.info["cmdline"] or [])
         except (psutil.Error, TypeError):
             continue
-        if any(k in text for k in ("raylet", "gcs_server", "RayTrainWorker")):
+        if any(k in text for k in ("raylet", "gcs_server", *TRAIN_WORKER_TITLES)):
             pids.add(p.pid)
     return pids
 
@@ -53,7 +58,8 @@ def train_workers() -> list[psutil.Process]:
     found = []
     for p in psutil.process_iter(["cmdline"]):
         try:
-            if "RayTrainWorker" not in " ".join(p.info["cmdline"] or []):
+            cmdline = " ".join(p.info["cmdline"] or [])
+            if not any(title in cmdline for title in TRAIN_WORKER_TITLES):
                 continue
             ancestry = " ".join(" ".join(a.cmdline()) for a in p.parents())
         except psutil.Error:

@@ -31,7 +31,8 @@ from orchestrator.trainers import (
     JobTorchTrainer,
     trainer_class,
 )
-from tests.conftest import training_under_way
+from orchestrator.worker_actor import WorkerImportingAhead
+from tests.conftest import TRAIN_WORKER_TITLES, training_under_way
 
 
 def _trainer(cls, tmp_path):
@@ -121,7 +122,9 @@ def test_an_embedded_job_starts_no_helper_it_does_not_need(tmp_path):
 # "embedded") or the session's head joined (argv[2] its address), then tiny fits, one per
 # (label, trainer, RAY_TRAIN_* settings in the driver's env); each worker and the controller
 # (through a user callback, which runs there) write what runtime env they got, the poll
-# variable they see and, in the controller, the poll interval it uses.
+# variable they see and, in the controller, the poll interval it uses; each worker also its
+# process title (Ray's `ray::<actor class>`) and whether torch._dynamo was imported already
+# when the training function began (torch is: Ray Train imports it to set up the group).
 _RUNTIME_ENVS = r"""
 import gc, json, os, pathlib, sys
 import ray
@@ -138,7 +141,9 @@ def record(path, **extra):
     pathlib.Path(path).write_text(json.dumps(seen))
 
 def train_fn(config):
-    record(f"{config['out']}/worker-{ray.train.get_context().get_world_rank()}.json")
+    record(f"{config['out']}/worker-{ray.train.get_context().get_world_rank()}.json",
+           title=pathlib.Path("/proc/self/cmdline").read_text().split("\0")[0],
+           dynamo_imported="torch._dynamo" in sys.modules)
     ray.train.report({"done": 1})
 
 class RecordController(UserCallback):
@@ -204,6 +209,11 @@ def test_embedded_controller_and_workers_inherit_the_driver_env_without_a_runtim
     for process, got in fits["rays"].items():
         assert got["runtime_env"]["env_vars"], process
     assert fits["rays"]["controller"]["interval"] == 2.0
+    # Right after Ray starts, workers import nothing ahead (no faster there): Ray's own actor.
+    for fit in ("ours", "rays"):
+        for rank in ("worker-0", "worker-1"):
+            assert fits[fit][rank]["title"].startswith("ray::RayTrainWorker"), fits[fit][rank]
+            assert not fits[fit][rank]["dynamo_imported"], (fit, rank)
 
 
 @pytest.mark.slow
@@ -219,3 +229,11 @@ def test_on_a_cluster_a_runtime_env_carries_only_the_users_ray_train_settings(tm
         env_vars = got["runtime_env"]["env_vars"]
         assert env_vars["RAY_TRAIN_COLLECTIVE_WARN_INTERVAL_S"] == "77", process
     assert fits["ours_with_a_setting"]["controller"]["interval"] == POLL_INTERVAL_S
+    # On a cluster, either way, the workers imported torch._dynamo (which every optimizer needs)
+    # while the group started; embedded workers have not (the test above: not vacuous).
+    # (The tests' checks for workers left behind know this title too.)
+    assert WorkerImportingAhead.__name__ in TRAIN_WORKER_TITLES
+    for fit in ("ours", "ours_with_a_setting"):
+        for rank in ("worker-0", "worker-1"):
+            assert fits[fit][rank]["title"].startswith("ray::WorkerImportingAhead"), (fit, rank)
+            assert fits[fit][rank]["dynamo_imported"], (fit, rank)
