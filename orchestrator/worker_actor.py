@@ -10,7 +10,7 @@ function, and the worker mostly waits on the controller meanwhile. This actor im
 
 Used on clusters the driver joins (orchestrator/trainers.py). Measured on 2 CPUs, B2's short
 job, alternated pairs: on a running head, fit → first step 16.6 → 15.1 s (5 pairs, each
-faster); right after an embedded Ray start, no faster (15.1 / 15.2 s, 6 pairs): the import
+faster); right after an embedded Ray start, no faster (14.8 → 15.2 s, 9 pairs): the import
 then only moves into the worker group's start, which it slows by as much.
 
 Kept apart from trainers.py, which imports torch: this module is what a worker process loads to
