@@ -24,16 +24,14 @@ import threading
 
 from ray.train.v2._internal.execution.worker_group.worker import RayTrainWorker
 
-IMPORTED_AHEAD = ("torch", "torch._dynamo")
+IMPORTED_AHEAD = "torch._dynamo"  # torch itself comes first, as its parent package
 
 
 def _import_ahead() -> None:
-    # A failure here is left to the training function's own import, which reports it.
-    for module in IMPORTED_AHEAD:
-        try:
-            importlib.import_module(module)
-        except Exception:  # noqa: BLE001
-            return
+    try:
+        importlib.import_module(IMPORTED_AHEAD)
+    except Exception:
+        pass  # left to the training function's own import, which reports it
 
 
 class WorkerImportingAhead(RayTrainWorker):
