@@ -246,9 +246,9 @@ def run(
         _record_process(run_dir, ctx.rank)
     phase("model_built")
     # Rank 0's reference scores (baseline/*, at step 0). Built here, they are computed now;
-    # built by a task (shared), they are logged by the first check that finds them ready (here,
-    # then at each epoch end) and waited for only as the loop returns: a slow baseline
-    # (ssm_selective_copy's: ~20 s) no longer holds every rank back from the first step.
+    # built beside the driver (shared), they are logged by the first check that finds them
+    # ready (here, then at each epoch end) and waited for only as the loop returns: a slow
+    # baseline (ssm_selective_copy's: ~20 s) no longer holds every rank back from the first step.
     references_pending = job.references is not None and ctx.rank == 0
 
     def log_references(wait: bool) -> None:
@@ -262,7 +262,7 @@ def run(
         metrics_out.log({f"baseline/{k}": v for k, v in scores.items()}, step=0)
         references_pending = False
 
-    log_references(wait=not shared)  # computed here: now; from the task: if already done
+    log_references(wait=not shared)  # computed here: now; from the builder: if already done
     phase("references_done")
     clip = tcfg["grad_clip"]  # 0: off
     params = [p for p in model.parameters() if p.requires_grad]

@@ -367,8 +367,8 @@ def _run(
     )
     print(f"If interrupted, resume with: orchestrate -m sweep.resume={parent_id}", flush=True)
 
-    # Built once for the whole sweep when no trial's data differs (a task per trial otherwise:
-    # two processes each, on the cores the trials train on).
+    # Built once for the whole sweep when no trial's data differs (per trial otherwise: a
+    # process each, on the cores the trials train on).
     shared = (
         shared_data.start(base) if shared_data.same_for_every_trial([d.key for d in dims]) else None
     )

@@ -133,6 +133,24 @@ def ray_head():
     _stop_session(session)
 
 
+@pytest.fixture
+def ray_driver(ray_head, monkeypatch):
+    """This test process as a driver of the session's head (joined as `orchestrate` joins a
+    cluster), for the length of one test."""
+    import ray
+    import ray._private.ray_constants as ray_constants
+
+    from orchestrator import launch
+
+    # What `connect` sets for a loopback-only head, undone after the test.
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head was started
+    monkeypatch.setenv(launch._LOOPBACK_ONLY, "0")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
+    launch.connect({"address": ray_head, "show_worker_logs": False, "num_cpus": None})
+    yield ray
+    ray.shutdown()
+
+
 def _session_dir_of(port: int) -> str:
     """The session directory of the Ray head whose GCS listens on `port`."""
     for p in psutil.process_iter(["name", "cmdline"]):

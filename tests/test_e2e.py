@@ -152,7 +152,7 @@ def test_nonfinite_loss_marks_run_failed_without_retry(tmp_path, ray_head):
 def test_a_value_only_build_data_rejects_fails_the_run_with_the_jobs_own_message(
     tmp_path, ray_head
 ):
-    """The data is built by a Ray task beside the driver (shared_data.py), not in the workers:
+    """The data is built by a Ray actor beside the driver (shared_data.py), not in the workers:
     a job's own ValueError must still reach the user as itself, not as Ray's task wrapper."""
     out = run_cli(
         ["job=ssm_selective_copy", "job.num_tokens=999", f"cluster.address={ray_head}"], tmp_path

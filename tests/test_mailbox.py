@@ -6,29 +6,9 @@ from __future__ import annotations
 
 import uuid
 
-import pytest
-
 from orchestrator.mailbox import Mailbox, drain, drain_while_alive
 from orchestrator.tracking import MetricsReceiver
 from tests.conftest import tracking_uri
-
-
-@pytest.fixture
-def ray_driver(ray_head, monkeypatch):
-    """This test process as a driver of the session's head (joined as `orchestrate` joins a
-    cluster), for the length of one test."""
-    import ray
-    import ray._private.ray_constants as ray_constants
-
-    from orchestrator import launch
-
-    # What `connect` sets for a loopback-only head, undone after the test.
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # as the head was started
-    monkeypatch.setenv(launch._LOOPBACK_ONLY, "0")
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", ray_constants.ENABLE_RAY_CLUSTER)
-    launch.connect({"address": ray_head, "show_worker_logs": False, "num_cpus": None})
-    yield ray
-    ray.shutdown()
 
 
 def _rank0(mailbox, steps: list[int], tags: dict[str, str]):

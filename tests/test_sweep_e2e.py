@@ -29,12 +29,12 @@ def parent_and_children(directory):
 
 
 def data_builds() -> int:
-    """How many data-building tasks (shared_data._build_data) the session's head has run."""
+    """How many times the session's head has built a run's data (shared_data's builder)."""
     from ray.util.state import list_tasks
 
     tasks = list_tasks(
         address=HEAD_DASHBOARD[0],
-        filters=[("name", "=", "_build_data")],
+        filters=[("name", "=", "_DataBuilder.build_data")],
         limit=10_000,
         raise_on_missing_output=False,
     )
@@ -119,7 +119,7 @@ def test_grid_sweep_of_8_trials_with_2_workers_each(tmp_path, ray_head):
     assert len(combos) == 8  # the whole grid, once each
     assert all(c.data.params["trainer.num_workers"] == "2" for c in children)
     # No trial's data differs (no job.* or seed swept): built once for the sweep, not 8 times.
-    wait_for(lambda: data_builds() > builds_before, 30, "the head to list the data task")
+    wait_for(lambda: data_builds() > builds_before, 30, "the head to list the data build")
     assert data_builds() == builds_before + 1
 
 

@@ -1,0 +1,76 @@
+"""A run's data and reference scores, built once beside the driver (orchestrator/shared_data.py):
+on the session's real Ray head, read back through Ray's State API."""
+
+from __future__ import annotations
+
+import time
+
+import psutil
+import pytest
+
+from orchestrator import shared_data
+from orchestrator.cli import compose_config
+from tests.conftest import HEAD_DASHBOARD, wait_for
+
+BUILD, REFERENCES = "_DataBuilder.build_data", "_DataBuilder.references"
+
+
+def _calls(name: str) -> list:
+    from ray.util.state import list_tasks
+
+    filters = [("name", "=", name)]
+    return list_tasks(
+        address=HEAD_DASHBOARD[0], filters=filters, limit=10_000, raise_on_missing_output=False
+    )
+
+
+def _builder(actor_id: str):
+    from ray.util.state import get_actor
+
+    return get_actor(actor_id, address=HEAD_DASHBOARD[0])
+
+
+def _finished_call(name: str, before: set[str]):
+    """The one call `name` started since `before` (task ids), once the State API lists it done."""
+    wait_for(
+        lambda: any(t.state == "FINISHED" for t in _calls(name) if t.task_id not in before),
+        30,
+        f"the head to list {name} as finished",
+    )
+    (call,) = [t for t in _calls(name) if t.task_id not in before and t.state == "FINISHED"]
+    return call
+
+
+def test_splits_and_references_come_from_one_process_that_then_ends(ray_driver):
+    before = {t.task_id for t in _calls(BUILD) + _calls(REFERENCES)}
+    cfg = compose_config(["job=cnn_digits"])
+    refs = shared_data.start(cfg)
+    splits = shared_data.fetch(refs, "splits")
+    assert (len(splits.train), len(splits.val)) == (1437, 360)  # load_digits, 20 % held out
+    assert shared_data.fetch(refs, "references")["svm_rbf_acc"] > 0.95
+    built, scored = _finished_call(BUILD, before), _finished_call(REFERENCES, before)
+    # The references reused the process (and its imports) that built the data...
+    assert built.actor_id == scored.actor_id and built.worker_id == scored.worker_id
+    # ... which ended once both were done (their results stay, owned by this driver).
+    wait_for(lambda: _builder(built.actor_id).state == "DEAD", 30, "the builder to end")
+    assert shared_data.fetch(refs, "references")["svm_rbf_acc"] > 0.95
+
+
+@pytest.mark.fault
+def test_a_builder_killed_while_building_is_replaced_and_both_results_arrive(ray_driver):
+    before = {t.task_id for t in _calls(BUILD)}
+    refs = shared_data.start(compose_config(["job=cnn_digits"]))
+    deadline, killed = time.monotonic() + 60, None
+    while killed is None and time.monotonic() < deadline:  # kill it mid-build
+        for p in psutil.process_iter(["cmdline"]):
+            if BUILD in " ".join(p.info["cmdline"] or []):
+                p.kill()
+                killed = p.pid
+                break
+        time.sleep(0.02)
+    assert killed is not None, "no process was building the data"
+    assert len(shared_data.fetch(refs, "splits").train) == 1437
+    assert shared_data.fetch(refs, "references")["svm_rbf_acc"] > 0.95
+    # Not vacuous: the kill hit the build (one row per attempt), which ran again elsewhere.
+    retried = _finished_call(BUILD, before)
+    assert retried.attempt_number >= 1, retried
