@@ -44,7 +44,9 @@ class ProgressDisplay:
             if self.first_epoch is None:  # time per epoch, measured after start-up
                 self.first_epoch = (event["epoch"], now)
             done, since = event["epoch"] - self.first_epoch[0], now - self.first_epoch[1]
-            per_epoch = since / done if done else now - self.start
+            # Until a second epoch ends: the first one's training time (the time since this
+            # display started includes Ray's start-up, ~20 epochs' worth for cnn_digits).
+            per_epoch = since / done if done else m.get("train/epoch_time_s", now - self.start)
             eta = per_epoch * (event["epochs"] - event["epoch"])
             main = m.get(self.main_metric)
             line = (

@@ -43,6 +43,17 @@ def test_run_progress_in_a_log_is_one_line_per_epoch_without_control_codes():
     assert lines[1].startswith("epoch   2/3") and "val/acc 0.9200" in lines[1] and "ETA" in lines[1]
 
 
+def test_the_first_epochs_eta_leaves_the_start_up_out():
+    out = io.StringIO()
+    display = ProgressDisplay("val/acc", out)
+    display.start -= 60  # Ray and the worker group took a minute to start
+    first = epoch_event(1, 0.9)
+    first["metrics"]["train/epoch_time_s"] = 0.5
+    display.handle(first)
+    # Two epochs to go at the first epoch's 0.5 s, not at the 60 s since the display started.
+    assert out.getvalue().rstrip().endswith("ETA 1s"), out.getvalue()
+
+
 def test_run_progress_on_a_terminal_updates_a_status_line_in_place():
     out = Terminal()
     display = ProgressDisplay("val/acc", out)
