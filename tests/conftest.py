@@ -151,6 +151,19 @@ def ray_driver(ray_head, monkeypatch):
     ray.shutdown()
 
 
+def head_tasks(name: str) -> list:
+    """Every attempt of every task or actor call named `name` that the session's head has run
+    (Ray's State API; actor calls are named `<Class>.<method>`)."""
+    from ray.util.state import list_tasks
+
+    return list_tasks(
+        address=HEAD_DASHBOARD[0],
+        filters=[("name", "=", name)],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+
+
 def _session_dir_of(port: int) -> str:
     """The session directory of the Ray head whose GCS listens on `port`."""
     for p in psutil.process_iter(["name", "cmdline"]):

@@ -10,18 +10,9 @@ import pytest
 
 from orchestrator import shared_data
 from orchestrator.cli import compose_config
-from tests.conftest import HEAD_DASHBOARD, wait_for
+from tests.conftest import HEAD_DASHBOARD, head_tasks, wait_for
 
 BUILD, REFERENCES = "_DataBuilder.build_data", "_DataBuilder.references"
-
-
-def _calls(name: str) -> list:
-    from ray.util.state import list_tasks
-
-    filters = [("name", "=", name)]
-    return list_tasks(
-        address=HEAD_DASHBOARD[0], filters=filters, limit=10_000, raise_on_missing_output=False
-    )
 
 
 def _builder(actor_id: str):
@@ -33,16 +24,16 @@ def _builder(actor_id: str):
 def _finished_call(name: str, before: set[str]):
     """The one call `name` started since `before` (task ids), once the State API lists it done."""
     wait_for(
-        lambda: any(t.state == "FINISHED" for t in _calls(name) if t.task_id not in before),
+        lambda: any(t.state == "FINISHED" for t in head_tasks(name) if t.task_id not in before),
         30,
         f"the head to list {name} as finished",
     )
-    (call,) = [t for t in _calls(name) if t.task_id not in before and t.state == "FINISHED"]
+    (call,) = [t for t in head_tasks(name) if t.task_id not in before and t.state == "FINISHED"]
     return call
 
 
 def test_splits_and_references_come_from_one_process_that_then_ends(ray_driver):
-    before = {t.task_id for t in _calls(BUILD) + _calls(REFERENCES)}
+    before = {t.task_id for t in head_tasks(BUILD) + head_tasks(REFERENCES)}
     cfg = compose_config(["job=cnn_digits"])
     refs = shared_data.start(cfg)
     splits = shared_data.fetch(refs, "splits")
@@ -58,7 +49,7 @@ def test_splits_and_references_come_from_one_process_that_then_ends(ray_driver):
 
 @pytest.mark.fault
 def test_a_builder_killed_while_building_is_replaced_and_both_results_arrive(ray_driver):
-    before = {t.task_id for t in _calls(BUILD)}
+    before = {t.task_id for t in head_tasks(BUILD)}
     refs = shared_data.start(compose_config(["job=cnn_digits"]))
     deadline, killed = time.monotonic() + 60, None
     while killed is None and time.monotonic() < deadline:  # kill it mid-build

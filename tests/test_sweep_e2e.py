@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import (
-    HEAD_DASHBOARD,
+    head_tasks,
     run_cli,
     runs_of,
     start_cli,
@@ -30,15 +30,7 @@ def parent_and_children(directory):
 
 def data_builds() -> int:
     """How many times the session's head has built a run's data (shared_data's builder)."""
-    from ray.util.state import list_tasks
-
-    tasks = list_tasks(
-        address=HEAD_DASHBOARD[0],
-        filters=[("name", "=", "_DataBuilder.build_data")],
-        limit=10_000,
-        raise_on_missing_output=False,
-    )
-    return len({t.task_id for t in tasks})
+    return len({t.task_id for t in head_tasks("_DataBuilder.build_data")})
 
 
 def test_asha_sweep_of_16_trials_completes_and_promotes_the_best(tmp_path, ray_head):
