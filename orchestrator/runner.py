@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from orchestrator import launch, preflight, resume, tracking
+from orchestrator import launch, preflight, resume, shared_data, tracking
 from orchestrator.errors import TrainingFailed
 from orchestrator.interrupts import DeferredInterrupts
 from orchestrator.job import load_job
@@ -160,8 +160,10 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) ->
     t0 = time.monotonic()
     try:
         mailbox = launch.make_mailbox()
+        # Built beside the workers as they start; kept for the final model (see _finish).
+        shared = shared_data.start(cfg)
         thread, box = launch.fit_in_background(
-            cfg, run_id, use_gpu, storage, f"{name}-{run_id}", mailbox
+            cfg, run_id, use_gpu, storage, f"{name}-{run_id}", mailbox, shared=shared
         )
         drain_while_alive(mailbox, thread, on_event)
         if "error" in box:
@@ -176,7 +178,7 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) ->
         if not receiver.finish(trk["outage_wait_s"]):  # the server may be restarting
             return _tracking_lost(trk["uri"], f"undelivered metrics kept in {spill}", resume_with)
         try:
-            _finish(cfg, job, run_id, box["result"])
+            _finish(cfg, job, run_id, box["result"], shared)
         except Exception as exc:
             if tracking.reachable(trk["uri"]):
                 raise
@@ -225,18 +227,21 @@ def event_handler(receiver: tracking.MetricsReceiver, display: ProgressDisplay):
     return on_event
 
 
-def _finish(cfg, job, run_id, result) -> None:
+def _finish(cfg, job, run_id, result, shared) -> None:
     """Log the final model from the last checkpoint and mark the run FINISHED."""
     trk = cfg["tracking"]
     if not trk["log_model"] or result.checkpoint is None:
         tracking.end_run(trk["uri"], run_id, "FINISHED")
         return
     with result.checkpoint.as_directory() as path:
-        log_final_model(cfg, job, run_id, path)
+        log_final_model(cfg, job, run_id, path, shared)
 
 
-def log_final_model(cfg, job, run_id: str, checkpoint_dir: str) -> None:
-    """Rebuild the job's model from a checkpoint, log (and register) it, mark the run FINISHED."""
+def log_final_model(cfg, job, run_id: str, checkpoint_dir: str, shared=None) -> None:
+    """Rebuild the job's model from a checkpoint, log (and register) it, mark the run FINISHED.
+
+    `shared`: the refs of the data the run trained on (`shared_data.start`); the model is
+    rebuilt from those splits when they can still be fetched, else from data built here."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -249,7 +254,9 @@ def log_final_model(cfg, job, run_id: str, checkpoint_dir: str) -> None:
     state = checkpoint.load(checkpoint_dir)
     jcfg = job_config(job, cfg["job"])
     torch.manual_seed(cfg["seed"])
-    splits = job.build_data(jcfg)
+    splits = shared_data.kept_splits(shared)
+    if splits is None:
+        splits = job.build_data(jcfg)
     model = job.build_model(jcfg, splits)
     model.load_state_dict(deployed_weights(state))
     batch = next(iter(DataLoader(splits.val, batch_size=5)))

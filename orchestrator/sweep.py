@@ -433,7 +433,7 @@ def _run(
     _log_summary(client, parent_id, rows, best, metric, mode)
     if trk["log_model"] and best["checkpoint"]:
         trial_cfg = trial_config(base, group_options, best["params"])
-        log_final_model(trial_cfg, job, best["run_id"], best["checkpoint"])
+        log_final_model(trial_cfg, job, best["run_id"], best["checkpoint"], shared)
     tracking.end_run(trk["uri"], parent_id, "FINISHED")
     _print_table(rows, metric, best, time.monotonic() - started)
     failed = [r for r in rows if r["status"] == "FAILED"]

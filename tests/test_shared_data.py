@@ -65,3 +65,56 @@ def test_a_builder_killed_while_building_is_replaced_and_both_results_arrive(ray
     # Not vacuous: the kill hit the build (one row per attempt), which ran again elsewhere.
     retried = _finished_call(BUILD, before)
     assert retried.attempt_number >= 1, retried
+
+
+def _fails():
+    raise RuntimeError("this run's data is gone")
+
+
+def _checkpoint_of_fresh_model(job, cfg, splits, folder) -> str:
+    from orchestrator import checkpoint
+    from orchestrator.job import job_config
+
+    model = job.build_model(job_config(job, cfg["job"]), splits)
+    checkpoint.save({"model": model.state_dict(), "epoch": 1}, folder)
+    return str(folder)
+
+
+def test_the_final_model_is_logged_from_the_runs_splits_not_data_built_again(
+    ray_driver, tmp_path, capsys
+):
+    """The driver rebuilds the trained model from the builder's splits (no scikit-learn import
+    and no second build_data after training); when those are gone it builds them itself."""
+    import dataclasses
+
+    from mlflow import MlflowClient
+
+    from orchestrator import tracking
+    from orchestrator.job import load_job
+    from orchestrator.runner import log_final_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = compose_config(["job=cnn_digits", f"tracking.uri={uri}"])
+    refs = shared_data.start(cfg)
+    job = load_job("cnn_digits")
+    ckpt = _checkpoint_of_fresh_model(job, cfg, shared_data.fetch(refs, "splits"), tmp_path / "c")
+    builds = []
+
+    def counted_build(jcfg):
+        builds.append(jcfg)
+        return job.build_data(jcfg)
+
+    driver_job = dataclasses.replace(job, build_data=counted_build)
+    kept, lost = (tracking.create_run(uri, "final", n, {}, {}, "") for n in ("kept", "lost"))
+
+    log_final_model(cfg, driver_job, kept, ckpt, refs)
+    assert builds == []  # the kept splits were used
+    # The splits' object gone (here: never built): the driver builds the data itself.
+    log_final_model(cfg, driver_job, lost, ckpt, {"splits": ray_driver.remote(_fails).remote()})
+    assert len(builds) == 1
+
+    client = MlflowClient(uri)
+    for run_id in (kept, lost):
+        assert client.get_run(run_id).info.status == "FINISHED"
+    logged = capsys.readouterr().out
+    assert logged.count("Model logged: models:/") == 2, logged
