@@ -8,6 +8,12 @@ started with (only `tracking.*` and `cluster.*` may be given again: where, not w
 finds the run's checkpoints under `cluster.storage_path` by the run's name and continues from
 the latest intact one; metrics already in MLflow are not sent again, and metrics a tracking
 outage left on disk are delivered. The run ends FINISHED as if it had never stopped.
+
+A run whose driver is still alive is not resumed: two drivers of one run would train it twice
+into the same checkpoint directory. Each driver tags its run with who it is (`DRIVER_TAG`:
+host, pid and the process's start time, so a reused pid is not mistaken for it); a resume on
+that host refuses while that process lives. A driver on another machine cannot be checked
+from here and is not.
 """
 
 from __future__ import annotations
@@ -21,6 +27,44 @@ from orchestrator.errors import UserError
 
 KEY = "resume"
 WHERE = ("tracking.", "cluster.")  # what may differ between the first start and the resume
+DRIVER_TAG = "orchestrator.driver"  # e.g. "laptop pid 4242 started 1765090000.12"
+
+
+def driver_tag() -> str:
+    """This process as the run's driver: host, pid and start time (see the module docstring)."""
+    import socket
+
+    import psutil
+
+    return f"{socket.gethostname()} pid {os.getpid()} started {psutil.Process().create_time():.2f}"
+
+
+def live_driver(tags: dict[str, str]) -> int | None:
+    """The pid of the run's driver if it still runs on this machine, else None."""
+    import socket
+
+    import psutil
+
+    parts = tags.get(DRIVER_TAG, "").split()
+    if len(parts) != 5 or parts[0] != socket.gethostname():
+        return None
+    try:
+        proc = psutil.Process(int(parts[2]))
+        same = f"{proc.create_time():.2f}" == parts[4]
+        return proc.pid if same and proc.status() != psutil.STATUS_ZOMBIE else None
+    except (psutil.Error, ValueError):
+        return None
+
+
+def refuse_if_driven(run, key: str = KEY) -> None:
+    """Stop a resume of a run whose driver is still running here (see the module docstring)."""
+    pid = live_driver(run.data.tags)
+    if pid is not None:
+        raise UserError(
+            key,
+            f"run '{run.info.run_id}' is still being driven by process {pid} on this machine",
+            f"let it finish, or stop it (Ctrl-C in its terminal, or kill -TERM {pid}) and then resume",
+        )
 
 
 def split(overrides: list[str]) -> tuple[list[str], str | None]:
@@ -79,6 +123,7 @@ def job_overrides(overrides: list[str], run_id: str) -> list[str]:
         )
     if run.info.status == "FINISHED":
         raise UserError(KEY, f"run '{run_id}' already FINISHED", "nothing to resume")
+    refuse_if_driven(run)
     return replayed_overrides(run, overrides)
 
 
@@ -106,6 +151,7 @@ def reopen(cfg: dict[str, Any], run_id: str, run_dir: str) -> None:
         )
     if "error" in run.data.tags:  # the reason it stopped no longer applies
         c.delete_tag(run_id, "error")
+    c.set_tag(run_id, DRIVER_TAG, driver_tag())
     c.update_run(run_id, status="RUNNING")
 
 

@@ -123,6 +123,7 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) ->
         "orchestrator.command": command,
         "mlflow.source.name": "orchestrate",
         "use_gpu": str(use_gpu),
+        resume.DRIVER_TAG: resume.driver_tag(),  # a resume refuses while this process lives
     }
     # Set by `orchestrate-jobs submit`: how the submitting machine finds this run.
     if submission := os.environ.get("ORCHESTRATOR_SUBMISSION_ID"):

@@ -235,6 +235,7 @@ def _resolve_resume(overrides: list[str]) -> tuple[list[str], str | None]:
         raise UserError(
             "sweep.resume", f"run '{resume}' is not a sweep's parent run", "pass the parent run id"
         )
+    resuming.refuse_if_driven(run, key="sweep.resume")
     return resuming.replayed_overrides(run, overrides), resume
 
 
@@ -325,6 +326,7 @@ def _run(
     _quiet_tune()
     from ray import tune
 
+    from orchestrator import resume as resuming
     from orchestrator import shared_data
 
     sw, trk = base["sweep"], base["tracking"]
@@ -332,6 +334,7 @@ def _run(
     if resume_id:
         parent_id = resume_id
         experiment_id = client.get_run(parent_id).info.experiment_id
+        client.set_tag(parent_id, resuming.DRIVER_TAG, resuming.driver_tag())
         client.set_terminated(parent_id, "RUNNING")
     else:
         params = {f"space.{d.key}": d.describe() for d in dims}
@@ -350,6 +353,7 @@ def _run(
             "job": base["job"]["name"],
             "orchestrator.overrides": shlex.join(overrides),
             "orchestrator.command": "orchestrate " + shlex.join(argv),
+            resuming.DRIVER_TAG: resuming.driver_tag(),  # a resume refuses while it lives
         }
         name = (
             trk["run_name"]

@@ -297,3 +297,32 @@ def test_help_lists_the_common_tasks_in_order_and_every_job(tmp_path):
     jobs = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "job").glob("*.yaml"))
     assert f"job: {', '.join(jobs)}" in out.stdout
     assert not list(tmp_path.iterdir())  # printing help writes nothing (no outputs/, no store)
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("sweep", [False, True], ids=["run", "sweep"])
+def test_a_run_whose_driver_still_runs_is_not_resumed(tmp_path, ray_tmp, tmp_path_factory, sweep):
+    """Two drivers of one run would train it twice into one checkpoint folder. The run's tag
+    names a live process on this machine (standing in for its driver): the resume is refused
+    before anything starts. Once that process has ended, or when the pid is another
+    process's (a reused pid: different start time), the tag no longer stops a resume."""
+    from orchestrator import resume, tracking
+
+    uri = f"sqlite:///{tmp_path_factory.mktemp('store')}/mlflow.db"
+    driver = subprocess.Popen(["sleep", "300"])
+    try:
+        started = psutil.Process(driver.pid).create_time()
+        tag = f"{socket.gethostname()} pid {driver.pid} started {started:.2f}"
+        tags = {resume.DRIVER_TAG: tag, **({"orchestrator.sweep": "true"} if sweep else {})}
+        run_id = tracking.create_run(uri, "e", "r", {}, tags, "")
+        key = "sweep.resume" if sweep else "resume"
+        args = ["-m"] * sweep + [f"{key}={run_id}", f"tracking.uri={uri}"]
+        line = assert_rejected(orchestrate(args, tmp_path, ray_tmp), key, tmp_path, ray_tmp)
+        assert f"still being driven by process {driver.pid}" in line
+        assert resume.live_driver(tags) == driver.pid
+        reused = tag.replace(f"started {started:.2f}", f"started {started - 60:.2f}")
+        assert resume.live_driver({resume.DRIVER_TAG: reused}) is None
+    finally:
+        driver.kill()
+        driver.wait()
+    assert resume.live_driver(tags) is None

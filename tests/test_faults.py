@@ -168,6 +168,10 @@ def test_more_failures_than_max_failures_fail_the_run_with_the_cause(tmp_path, r
 def test_driver_killed_then_resumed_with_one_command(tmp_path, ray_head, reference):
     driver = Driver([*JOB, f"cluster.address={ray_head}"], tmp_path)
     run_id = the_run_id(tmp_path, driver)
+    # While its driver lives, the run is not resumed (two drivers would train it twice).
+    code, out = Driver([f"resume={run_id}", f"cluster.address={ray_head}"], tmp_path).wait()
+    assert code == 2 and f"still being driven by process {driver.proc.pid}" in out, out
+    assert driver.proc.poll() is None and "Resuming" not in out
     wait_epochs(MlflowClient(tracking_uri(tmp_path)), run_id, 2, driver)
     driver.proc.send_signal(signal.SIGKILL)  # no chance to clean up or mark the run
     driver.wait()
