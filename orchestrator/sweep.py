@@ -239,10 +239,24 @@ def _resolve_resume(overrides: list[str]) -> tuple[list[str], str | None]:
     return resuming.replayed_overrides(run, overrides), resume
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """What one `orchestrate -m` command sweeps, composed and validated on the driver."""
+
+    base: dict[str, Any]  # the config every trial starts from
+    job: Any  # its JobSpec
+    dims: list[Dimension]  # the swept keys and their spaces
+    group_options: dict[str, dict[str, Any]]  # each swept config group's options, composed
+    overrides: list[str]  # as given: recorded on the parent run, replayed by sweep.resume
+    argv: list[str]
+    metric: str  # what the trials are ranked by, and whether larger is better
+    mode: str
+
+
 def run_sweep(overrides: list[str], argv: list[str], started_at: float) -> int:
     from orchestrator.cli import available, compose_config
     from orchestrator.job import load_job
-    from orchestrator.runner import log_final_model, prepare
+    from orchestrator.runner import prepare
 
     overrides, resume_id = _resolve_resume(overrides)
     groups = [g for g in ("optim", "sched") if available(g)]
@@ -280,21 +294,8 @@ def run_sweep(overrides: list[str], argv: list[str], started_at: float) -> int:
         concurrent = sw["max_concurrent"] or max(1, int(resources.cpus // per_trial))
         if use_gpu:
             concurrent = min(concurrent, max(1, int(resources.gpus // t["num_workers"])))
-        return _run(
-            base,
-            job,
-            dims,
-            group_options,
-            fixed,
-            overrides,
-            argv,
-            metric,
-            mode,
-            concurrent,
-            use_gpu,
-            resume_id,
-            log_final_model,
-        )
+        sweep = Sweep(base, job, dims, group_options, overrides, argv, metric, mode)
+        return _run(sweep, concurrent, use_gpu, resume_id)
     finally:
         launch.shutdown()
 
@@ -308,27 +309,15 @@ def _quiet_tune() -> None:
     os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
 
 
-def _run(
-    base,
-    job,
-    dims,
-    group_options,
-    fixed,
-    overrides,
-    argv,
-    metric,
-    mode,
-    concurrent,
-    use_gpu,
-    resume_id,
-    log_final_model,
-) -> int:
+def _run(sweep: Sweep, concurrent: int, use_gpu: bool, resume_id: str | None) -> int:
     _quiet_tune()
     from ray import tune
 
     from orchestrator import resume as resuming
     from orchestrator import shared_data
+    from orchestrator.runner import log_final_model
 
+    base, job, dims, metric, mode = sweep.base, sweep.job, sweep.dims, sweep.metric, sweep.mode
     sw, trk = base["sweep"], base["tracking"]
     client = tracking.client(trk["uri"])
     if resume_id:
@@ -351,8 +340,8 @@ def _run(
         tags = {
             "orchestrator.sweep": "true",
             "job": base["job"]["name"],
-            "orchestrator.overrides": shlex.join(overrides),
-            "orchestrator.command": "orchestrate " + shlex.join(argv),
+            "orchestrator.overrides": shlex.join(sweep.overrides),
+            "orchestrator.command": "orchestrate " + shlex.join(sweep.argv),
             resuming.DRIVER_TAG: resuming.driver_tag(),  # a resume refuses while it lives
         }
         name = (
@@ -380,7 +369,7 @@ def _run(
         tune.with_parameters(
             _trial,
             base=base,
-            group_options=group_options,
+            group_options=sweep.group_options,
             parent_id=parent_id,
             experiment_id=experiment_id,
             sweep_name=sweep_name,
@@ -436,7 +425,7 @@ def _run(
     best = max(ok, key=lambda r: r[metric] if mode == "max" else -r[metric])
     _log_summary(client, parent_id, rows, best, metric, mode)
     if trk["log_model"] and best["checkpoint"]:
-        trial_cfg = trial_config(base, group_options, best["params"])
+        trial_cfg = trial_config(base, sweep.group_options, best["params"])
         log_final_model(trial_cfg, job, best["run_id"], best["checkpoint"], shared)
     tracking.end_run(trk["uri"], parent_id, "FINISHED")
     _print_table(rows, metric, best, time.monotonic() - started)
