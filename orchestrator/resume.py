@@ -30,13 +30,15 @@ WHERE = ("tracking.", "cluster.")  # what may differ between the first start and
 DRIVER_TAG = "orchestrator.driver"  # e.g. "laptop pid 4242 started 1765090000.12"
 
 
-def driver_tag() -> str:
-    """This process as the run's driver: host, pid and start time (see the module docstring)."""
+def driver_tag(pid: int | None = None) -> str:
+    """A process of this host (by default this one) as a run's driver: host, pid and start
+    time (see the module docstring); `live_driver` reads it back."""
     import socket
 
     import psutil
 
-    return f"{socket.gethostname()} pid {os.getpid()} started {psutil.Process().create_time():.2f}"
+    proc = psutil.Process(pid)
+    return f"{socket.gethostname()} pid {proc.pid} started {proc.create_time():.2f}"
 
 
 def live_driver(tags: dict[str, str]) -> int | None:

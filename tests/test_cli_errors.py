@@ -312,7 +312,7 @@ def test_a_run_whose_driver_still_runs_is_not_resumed(tmp_path, ray_tmp, tmp_pat
     driver = subprocess.Popen(["sleep", "300"])
     try:
         started = psutil.Process(driver.pid).create_time()
-        tag = f"{socket.gethostname()} pid {driver.pid} started {started:.2f}"
+        tag = resume.driver_tag(driver.pid)
         tags = {resume.DRIVER_TAG: tag, **({"orchestrator.sweep": "true"} if sweep else {})}
         run_id = tracking.create_run(uri, "e", "r", {}, tags, "")
         key = "sweep.resume" if sweep else "resume"
