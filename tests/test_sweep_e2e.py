@@ -8,6 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import (
+    HEAD_DASHBOARD,
     head_tasks,
     run_cli,
     runs_of,
@@ -33,7 +34,22 @@ def data_builds() -> int:
     return len({t.task_id for t in head_tasks("_DataBuilder.build_data")})
 
 
+def trial_drivers() -> set[str]:
+    """Every sweep trial driver (Tune's actor running `sweep._trial`) the session's head has
+    started, by actor id."""
+    from ray.util.state import list_actors
+
+    found = list_actors(
+        address=HEAD_DASHBOARD[0],
+        filters=[("class_name", "=", "ImplicitFunc")],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    return {a.actor_id for a in found}
+
+
 def test_asha_sweep_of_16_trials_completes_and_promotes_the_best(tmp_path, ray_head):
+    drivers_before = trial_drivers()
     out = run_cli(
         [
             "-m",
@@ -77,10 +93,14 @@ def test_asha_sweep_of_16_trials_completes_and_promotes_the_best(tmp_path, ray_h
     assert len(table) == 32
     assert sum("STOPPED (early" in line for line in table) == len(stopped)
     assert not train_workers()  # nothing left behind
+    # Each trial had a driver of its own: one that ASHA stops ends with its process instead of
+    # being kept for the next trial (sweep._reuses_trial_drivers).
+    assert len(trial_drivers() - drivers_before) == 16
 
 
 def test_grid_sweep_of_8_trials_with_2_workers_each(tmp_path, ray_head):
     builds_before = data_builds()
+    drivers_before = trial_drivers()
     out = run_cli(
         [
             "-m",
@@ -113,6 +133,9 @@ def test_grid_sweep_of_8_trials_with_2_workers_each(tmp_path, ray_head):
     # No trial's data differs (no job.* or seed swept): built once for the sweep, not 8 times.
     wait_for(lambda: data_builds() > builds_before, 30, "the head to list the data build")
     assert data_builds() == builds_before + 1
+    # One trial at a time (2 workers on 2 CPUs), none stopped early: each trial's driver process
+    # serves the next trial instead of a fresh one being started (and importing torch) per trial.
+    assert len(trial_drivers() - drivers_before) == 1
 
 
 @pytest.mark.fault
