@@ -485,12 +485,15 @@ def stop_head(session: str) -> None:
             q.terminate()
         except psutil.Error:
             pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=15)
+    # Most exit within a second; the GCS and the autoscaler monitor can outlive SIGTERM by more
+    # than 15 s (measured). The head is thrown away: kill what is left.
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
     for q in alive:
         try:
             q.kill()
         except psutil.Error:
             pass
+    psutil.wait_procs(alive, timeout=5)  # until reaped, so nothing of the head is listed after
 
 
 # --- the table ------------------------------------------------------------------------------

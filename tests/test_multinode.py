@@ -158,7 +158,7 @@ def cluster(tmp_path_factory):
 
 def _stop_node(temp_dir: str) -> None:
     """Every process of the node whose files live under `temp_dir`, and their children.
-    Like conftest's `_stop_session` but without its 15 s of grace: this cluster is thrown away."""
+    Like conftest's `_stop_session`, for a node of this module's own cluster."""
     roots = [
         p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])
     ]
