@@ -164,6 +164,19 @@ def head_tasks(name: str) -> list:
     )
 
 
+def head_actors(class_name: str) -> set[str]:
+    """The ids of every actor of `class_name` the session's head has started (Ray's State API)."""
+    from ray.util.state import list_actors
+
+    found = list_actors(
+        address=HEAD_DASHBOARD[0],
+        filters=[("class_name", "=", class_name)],
+        limit=10_000,
+        raise_on_missing_output=False,
+    )
+    return {a.actor_id for a in found}
+
+
 def _session_dir_of(port: int) -> str:
     """The session directory of the Ray head whose GCS listens on `port`."""
     for p in psutil.process_iter(["name", "cmdline"]):

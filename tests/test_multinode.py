@@ -19,7 +19,6 @@ nodes is refused at once.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import subprocess
@@ -27,11 +26,10 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import BIN, ORCHESTRATE, _free_port
+from tests.conftest import BIN, ORCHESTRATE, _free_port, _stop_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.multinode]
 
@@ -151,26 +149,9 @@ def cluster(tmp_path_factory):
         yield c
     finally:
         for temp_dir in c.temp_dirs:  # exactly these nodes' processes; never `ray stop`
-            _stop_node(temp_dir)
+            _stop_session(temp_dir)
             shutil.rmtree(temp_dir, ignore_errors=True)
         _delete_namespaces(namespaces)
-
-
-def _stop_node(temp_dir: str) -> None:
-    """Every process of the node whose files live under `temp_dir`, and their children.
-    Like conftest's `_stop_session`, for a node of this module's own cluster."""
-    roots = [
-        p for p in psutil.process_iter(["cmdline"]) if temp_dir in " ".join(p.info["cmdline"] or [])
-    ]
-    procs = {q.pid: q for p in roots for q in [p, *p.children(recursive=True)]}
-    for q in procs.values():
-        with contextlib.suppress(psutil.Error):
-            q.terminate()
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=3)
-    for q in alive:
-        with contextlib.suppress(psutil.Error):
-            q.kill()
-    psutil.wait_procs(alive, timeout=5)
 
 
 def orchestrate(c: Cluster, args: list[str], cwd: Path, timeout: float = 420):

@@ -8,7 +8,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import (
-    HEAD_DASHBOARD,
+    head_actors,
     head_tasks,
     run_cli,
     runs_of,
@@ -37,15 +37,7 @@ def data_builds() -> int:
 def trial_drivers() -> set[str]:
     """Every sweep trial driver (Tune's actor running `sweep._trial`) the session's head has
     started, by actor id."""
-    from ray.util.state import list_actors
-
-    found = list_actors(
-        address=HEAD_DASHBOARD[0],
-        filters=[("class_name", "=", "ImplicitFunc")],
-        limit=10_000,
-        raise_on_missing_output=False,
-    )
-    return {a.actor_id for a in found}
+    return head_actors("ImplicitFunc")
 
 
 def test_asha_sweep_of_16_trials_completes_and_promotes_the_best(tmp_path, ray_head):
