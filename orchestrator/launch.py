@@ -59,8 +59,8 @@ def _is_loopback(address: str | None) -> bool:
 def connect(cluster: dict[str, Any], state_api: bool = False) -> ClusterResources:
     """Start the embedded Ray (cluster.address unset) or join an existing cluster.
 
-    `state_api`: start the embedded Ray's dashboard (on 127.0.0.1 only). Sweeps need it: when
-    Tune stops a trial it kills the trial's Train controller, and Ray Train frees that run's
+    `state_api`: start the embedded Ray's dashboard (on 127.0.0.1 only). Sweeps need it: a
+    trial the scheduler stops ends by killing its Train controller, and Ray Train frees that run's
     worker placement group through a cleaner that asks the State API — which lives in the
     dashboard. Without it the freed CPUs never come back and the sweep hangs (seen on 2 CPUs).
     """
@@ -230,11 +230,11 @@ def check_storage_shared(storage_path: str, timeout_s: float = 120.0) -> None:
         raise storage.not_shared_error(storage_path, blind, len(others))
 
 
-def make_mailbox():
+def make_mailbox(name: str | None = None):
     """Rank 0's channel to the driver (progress, outcome, metrics): see mailbox.py."""
     from orchestrator.mailbox import Mailbox
 
-    return Mailbox()
+    return Mailbox(name=name)
 
 
 def fit(
@@ -246,12 +246,14 @@ def fit(
     mailbox,
     callbacks: list | None = None,
     shared: dict[str, Any] | None = None,
+    box: dict[str, Any] | None = None,
 ) -> Any:
     """Run the job's workers to completion. Returns Ray's Result; raises on training failure.
 
     `callbacks` are Ray Train controller callbacks (a sweep trial passes Tune's reporter).
     `shared` is `shared_data.start`'s refs when the caller already started them (a sweep
     whose trials all train on the same data); by default this run builds its own.
+    `box`: where the trainer is kept while it runs (`fit_in_background`'s, for `end_train_run`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig
@@ -266,8 +268,8 @@ def fit(
     embedded = cfg["cluster"]["address"] is None
     # The embedded cluster keeps DDP's rendezvous store on 127.0.0.1 too (see loopback.py).
     torch_config_cls = LoopbackTorchConfig if embedded else TorchConfig
-    # A sweep trial (it brings Tune's callback) keeps Ray's placement-group cleaner: Tune stops
-    # trials by killing their controller (see trainers.py).
+    # A sweep trial (it brings Tune's callback) keeps Ray's placement-group cleaner: a stopped
+    # trial ends by killing its controller (`end_train_run`; see trainers.py).
     trainer = trainer_class(embedded, sweep_trial=callbacks is not None)(
         ray_train_fn,
         train_loop_config={
@@ -294,6 +296,8 @@ def fit(
             callbacks=callbacks,
         ),
     )
+    if box is not None:
+        box["trainer"] = trainer
     return trainer.fit()
 
 
@@ -303,13 +307,30 @@ def fit_in_background(*args, **kwargs) -> tuple[threading.Thread, dict[str, Any]
 
     def target():
         try:
-            box["result"] = fit(*args, **kwargs)
+            box["result"] = fit(*args, **kwargs, box=box)
         except BaseException as exc:  # handed to the main thread, which decides what it means
             box["error"] = exc
 
     thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)
     thread.start()
     return thread, box
+
+
+def end_train_run(thread: threading.Thread, box: dict[str, Any], wait_s: float = 30) -> None:
+    """End the run `fit_in_background` started, at once, as Tune ends a trial it kills: its Ray
+    Train controller is killed, its workers die with it (their owner), and Ray Train's
+    placement-group cleaner frees their resources. Returns once `fit` has returned (it raises
+    into the box), or after `wait_s`."""
+    import ray
+
+    give_up_at = time.monotonic() + wait_s
+    while thread.is_alive() and time.monotonic() < give_up_at:
+        controller = getattr(box.get("trainer"), "controller", None)
+        if controller is None:  # not started yet: kill it as soon as it is
+            time.sleep(0.1)
+            continue
+        ray.kill(controller)
+        thread.join(max(0.0, give_up_at - time.monotonic()))
 
 
 def run_tasks(fn, shards: list, files: Path) -> list:

@@ -65,8 +65,10 @@ class _Inbox:
 class Mailbox:
     """A handle on the inbox actor; it pickles, so it travels to the workers in their config."""
 
-    def __init__(self, maxsize: int = 10_000) -> None:
-        self.actor = _Inbox.remote(maxsize)  # type: ignore[attr-defined]
+    def __init__(self, maxsize: int = 10_000, name: str | None = None) -> None:
+        # A name lets another process post to it (a sweep's driver stopping a trial).
+        options = {"name": name} if name else {}
+        self.actor = _Inbox.options(**options).remote(maxsize)  # type: ignore[attr-defined]
 
     # --- rank 0's side
 
@@ -98,9 +100,22 @@ class Mailbox:
         self.actor.reply.remote(request_id, value)
 
 
-def drain_while_alive(mailbox: Mailbox, thread, on_event) -> None:
-    """Drain while `thread` (the one running `fit`) lives, then once more for the last events."""
+def post_to(name: str, event: dict[str, Any]) -> bool:
+    """Fire and forget `event` to the inbox named `name`; False if there is none (any more)."""
+    try:
+        actor = ray.get_actor(name)
+    except ValueError:
+        return False
+    actor.put_nowait.remote(event)
+    return True
+
+
+def drain_while_alive(mailbox: Mailbox, thread, on_event, until=lambda: False) -> None:
+    """Drain while `thread` (the one running `fit`) lives, then once more for the last events.
+    Returns early, without the last drain, once `until()` is true."""
     while thread.is_alive():
+        if until():
+            return
         drain(mailbox, on_event)
     drain(mailbox, on_event, timeout=0.5)
 

@@ -170,7 +170,13 @@ def _trial(
     shared,
 ):
     """One Tune trial: one child MLflow run and one Ray Train run of the shared loop.
-    `shared`: the sweep's data refs when every trial trains on the same data, else None."""
+    `shared`: the sweep's data refs when every trial trains on the same data, else None.
+
+    Tune runs trials one after another in the same process (`reuse_actors`), and waits for this
+    function to return before it hands the process to the next trial. A trial the scheduler
+    stops is told so by the sweep's driver, through this trial's inbox (`stop_trial`): it ends
+    its Train run and returns, leaving its run to the driver, which closed it already."""
+    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -181,6 +187,10 @@ def _trial(
     cfg = trial_config(base, group_options, params)
     validate(cfg)
     uri = cfg["tracking"]["uri"]
+    # How long Tune waits for this function to return before the next trial may have the
+    # process (2 s by default; a failed handover fails the next trial): time to deliver
+    # metrics held back by a tracking outage, and to end the run.
+    os.environ["TUNE_FUNCTION_THREAD_TIMEOUT_S"] = str(int(cfg["tracking"]["outage_wait_s"]) + 60)
     run_id = tracking.child_run(
         uri,
         experiment_id,
@@ -193,25 +203,35 @@ def _trial(
     # Rank 0's metrics reach the child run through this trial's driver, as in `orchestrate`.
     receiver = tracking.MetricsReceiver(uri, run_id, spill_path=None)
     outcome: dict[str, Any] = {}
+    stopped = False
 
     def on_event(event: dict[str, Any]):
-        nonlocal outcome
+        nonlocal outcome, stopped
+        stopped = stopped or event["type"] == _STOP
+        if stopped:  # the driver closed the run: nothing more goes into it
+            return None
         if event["type"] in receiver.KINDS:
             return receiver.handle(event)
         outcome = event if event["type"] == "outcome" else outcome
 
-    mailbox = launch.make_mailbox()
-    thread, box = launch.fit_in_background(
-        cfg,
-        run_id,
-        use_gpu,
-        cfg["cluster"]["storage_path"],
-        f"{sweep_name}-{trial_id}",
-        mailbox,
-        callbacks=[TuneReportCallback()],  # made here: it needs this trial's Tune session
-        shared=shared,
-    )
-    drain_while_alive(mailbox, thread, on_event)
+    mailbox = launch.make_mailbox(_inbox_name(sweep_name, trial_id))
+    try:
+        thread, box = launch.fit_in_background(
+            cfg,
+            run_id,
+            use_gpu,
+            cfg["cluster"]["storage_path"],
+            f"{sweep_name}-{trial_id}",
+            mailbox,
+            callbacks=[TuneReportCallback()],  # made here: it needs this trial's Tune session
+            shared=shared,
+        )
+        drain_while_alive(mailbox, thread, on_event, until=lambda: stopped)
+        if stopped:
+            launch.end_train_run(thread, box)
+            return
+    finally:
+        ray.kill(mailbox.actor)  # frees its name; this process runs the next trial
     if "error" in box:
         raise box["error"]
     receiver.finish(cfg["tracking"]["outage_wait_s"])
@@ -220,6 +240,21 @@ def _trial(
         tracking.end_run(uri, run_id, "FAILED", message)
         raise TrainingFailed(message)
     tracking.end_run(uri, run_id, "FINISHED")
+
+
+_STOP = "stop"  # the event a stopped trial's inbox gets from the sweep's driver
+
+
+def _inbox_name(sweep_name: str, trial_id: str) -> str:
+    return f"{sweep_name}-{trial_id}-inbox"
+
+
+def stop_trial(sweep_name: str, trial_id: str) -> None:
+    """Tell a trial the scheduler stopped that it is over (Tune keeps its process for the next
+    trial instead of killing it). A no-op once the trial's function has returned."""
+    from orchestrator.mailbox import post_to
+
+    post_to(_inbox_name(sweep_name, trial_id), {"type": _STOP})
 
 
 def _resolve_resume(overrides: list[str]) -> tuple[list[str], str | None]:
@@ -393,7 +428,10 @@ def _run(sweep: Sweep, concurrent: int, use_gpu: bool, resume_id: str | None) ->
                 search_alg=_search(sw["search"], metric, mode),
                 scheduler=_scheduler(base),
                 max_concurrent_trials=concurrent,
-                reuse_actors=_reuses_trial_drivers(sw["scheduler"]),
+                # A trial's driver process runs the next trial: it imports torch, Ray Train
+                # and MLflow first, ~4 s of CPU per trial on the cores the trials train on
+                # (benchmarks/NOTES.md). A stopped trial ends itself first (`stop_trial`).
+                reuse_actors=True,
             ),
             run_config=tune.RunConfig(
                 name=sweep_name,
@@ -401,7 +439,12 @@ def _run(sweep: Sweep, concurrent: int, use_gpu: bool, resume_id: str | None) ->
                 verbose=0,
                 callbacks=[
                     _child_closer(
-                        trk["uri"], parent_id, base["trainer"]["max_epochs"], metric, mode
+                        trk["uri"],
+                        parent_id,
+                        sweep_name,
+                        base["trainer"]["max_epochs"],
+                        metric,
+                        mode,
                     ),
                 ],
             ),
@@ -456,16 +499,6 @@ def _search(name: str, metric: str, mode: str):
     return None  # random sampling, or the grid given by grid_search values
 
 
-def _reuses_trial_drivers(scheduler: str) -> bool:
-    """Whether a trial's driver process serves the next trial once it is done, instead of a
-    fresh process per trial. A trial driver imports torch, Ray Train and MLflow before its first
-    step: ~4 s of CPU per trial, on the cores the trials train on (measured, benchmarks/NOTES.md).
-    Only where every trial runs its course: Tune stops a trial ASHA cuts short by killing its
-    driver, which takes the trial's Train run with it; a driver kept for reuse would keep
-    training the stopped trial until the next trial claims the process."""
-    return scheduler != "asha"
-
-
 def _scheduler(base: dict[str, Any]):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
@@ -482,16 +515,25 @@ def _scheduler(base: dict[str, Any]):
 
 
 def _close_child(
-    client, parent_id: str, trial_id: str, last_result: dict, failed: bool, max_epochs: int
+    client,
+    parent_id: str,
+    trial_id: str,
+    last_result: dict,
+    failed: bool,
+    max_epochs: int,
+    stop=lambda: None,
 ):
-    """Give a trial's child run its terminal status; a trial the scheduler stopped can't end its
-    own run, so the driver does, tagging it `early_stopped` with the epoch it reached."""
+    """Give a trial's child run its terminal status; a trial the scheduler stopped doesn't end
+    its own run, so the driver does, tagging it `early_stopped` with the epoch it reached.
+    `stop()` is called for such a trial before its run is closed."""
     child = tracking.find_child_run(client, parent_id, trial_id)
     # The child run is what reviewers see; a trial can log one more epoch after the
     # scheduler's decision and before it is stopped, so count epochs there.
     logged = child.data.metrics if child is not None else last_result
     epochs = int(logged.get("epoch", 0) or 0)
     early = not failed and epochs < max_epochs
+    if early:
+        stop()
     if child is not None:
         client.set_tag(child.info.run_id, "early_stopped", str(early).lower())
         if early:
@@ -501,7 +543,9 @@ def _close_child(
     return child, logged, epochs, early
 
 
-def _child_closer(uri: str, parent_id: str, max_epochs: int, metric: str, mode: str):
+def _child_closer(
+    uri: str, parent_id: str, sweep_name: str, max_epochs: int, metric: str, mode: str
+):
     """A Tune callback (it runs on the driver) closing each child run as its trial ends, so
     stopped trials don't read RUNNING for the rest of the sweep, and feeding the live trial
     table from the same facts. Holds only plain values: Tune pickles it with the experiment
@@ -532,6 +576,7 @@ def _child_closer(uri: str, parent_id: str, max_epochs: int, metric: str, mode: 
                         trial.last_result or {},
                         failed,
                         max_epochs,
+                        stop=lambda: stop_trial(sweep_name, trial.trial_id),
                     )
             except Exception as exc:  # the final reconciliation will try again
                 print(

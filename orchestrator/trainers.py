@@ -11,7 +11,7 @@ on 2 CPUs), and two of them sit on the path to the first step:
   for its answer before it starts the workers. The embedded cluster has no autoscaler.
 - `PlacementGroupCleaner` frees the workers' placement group if the controller dies without
   cleaning up, which matters on a long-lived cluster (the driver's machine may vanish) and in
-  sweeps (Tune stops a trial by killing its controller). A single job on the embedded cluster
+  sweeps (a trial the scheduler stops ends by killing its controller). A single job on the embedded cluster
   needs none of it — the whole cluster ends with this process — and at the end of every run
   Ray waits for the cleaner to stop, ~12 s when its State API query is slow or missing.
 
@@ -175,6 +175,7 @@ class JobTorchTrainer(TorchTrainer):
         ray_default = controller_init_kwargs["scaling_policy"]
         controller_init_kwargs["scaling_policy"] = self.scaling_policy(ray_default)
         controller = self.controller_actor().remote(**controller_init_kwargs)
+        self.controller = controller  # for launch.end_train_run
         if threading.current_thread() is threading.main_thread():  # not inside a Tune trial
             self._register_sigint_handler(controller)
         ray.get(controller.run.remote())

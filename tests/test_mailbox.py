@@ -102,3 +102,36 @@ def test_rank0_keeps_its_metrics_while_the_driver_does_not_answer(
     assert [(m.step, m.value) for m in client.get_metric_history(run_id, "train/loss")] == [
         (7, 0.5)
     ]
+
+
+def _post_from_another_process(name: str, event: dict) -> bool:
+    from orchestrator.mailbox import post_to
+
+    return post_to(name, event)
+
+
+def test_a_named_inbox_takes_a_stop_from_another_process_and_is_gone_once_killed(ray_driver):
+    """How a sweep's driver tells a stopped trial to end (sweep.stop_trial)."""
+    import threading
+    import time
+
+    name = f"inbox-{uuid.uuid4().hex}"
+    mailbox = Mailbox(name=name)
+    post = ray_driver.remote(num_cpus=0)(_post_from_another_process)
+    assert ray_driver.get(post.remote(name, {"type": "stop"})) is True
+
+    # The trial's drain stops as soon as it has the stop, though `fit` still runs.
+    training = threading.Event()
+    fit = threading.Thread(target=training.wait, args=(60,), daemon=True)
+    fit.start()
+    seen: list[str] = []
+    started = time.monotonic()
+    drain_while_alive(mailbox, fit, lambda e: seen.append(e["type"]), until=lambda: bool(seen))
+    assert seen == ["stop"] and fit.is_alive() and time.monotonic() - started < 10
+    training.set()
+
+    ray_driver.kill(mailbox.actor)
+    deadline = time.monotonic() + 20
+    while ray_driver.get(post.remote(name, {"type": "stop"})) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert ray_driver.get(post.remote(name, {"type": "stop"})) is False  # its name is free

@@ -84,10 +84,15 @@ def test_asha_sweep_of_16_trials_completes_and_promotes_the_best(tmp_path, ray_h
     table = [line for line in out.stdout.splitlines() if line.startswith("trial ")]
     assert len(table) == 32
     assert sum("STOPPED (early" in line for line in table) == len(stopped)
+    # Nothing logged into a stopped trial's run after the driver closed it: the trial ended
+    # its Train run when told, before its process went to the next trial.
+    for c in stopped:
+        epochs = [m.value for m in client.get_metric_history(c.info.run_id, "epoch")]
+        assert max(epochs) == int(c.data.tags["stopped_at_epoch"]), c.info.run_id
     assert not train_workers()  # nothing left behind
-    # Each trial had a driver of its own: one that ASHA stops ends with its process instead of
-    # being kept for the next trial (sweep._reuses_trial_drivers).
-    assert len(trial_drivers() - drivers_before) == 16
+    # A finished or stopped trial's driver process ran later trials (2 trials at a time here).
+    drivers = trial_drivers() - drivers_before
+    assert 2 <= len(drivers) < 16, len(drivers)
 
 
 def test_grid_sweep_of_8_trials_with_2_workers_each(tmp_path, ray_head):
