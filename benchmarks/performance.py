@@ -22,7 +22,8 @@ train/samples_per_s per epoch, the timestamp of startup/time_to_first_step_s, ti
      vs per-step logging off (log_every_n_steps larger than the run); epoch metrics, logged
      outside the timed epoch, are the same on both sides
   B5 sweep overhead per trial (trial run wall − time/loop_s), for each --trials count, tiny
-     cnn_digits trials on an embedded Ray
+     cnn_digits trials on an embedded Ray; and within each sweep, the overhead of its last
+     quarter of trials (by start) over its first quarter (no run-to-run drift in that one)
   B6 peak RSS (sampled every 0.2 s) of the driver and of each worker in B2's cold runs vs the
      torchrun launcher and its workers
 
@@ -396,6 +397,18 @@ def b4(cfg: Settings) -> dict:
     return alternate(cfg, "B4", sides, summarize)
 
 
+def start_order_trend(overhead: list[float]) -> dict:
+    """Within one sweep (no run-to-run drift): does a trial's overhead grow with the trials
+    before it? Least-squares slope against start order, and last quarter / first quarter."""
+    if len(overhead) < 4:
+        return {}
+    k = len(overhead) // 4
+    first, last = statistics.median(overhead[:k]), statistics.median(overhead[-k:])
+    slope = statistics.linear_regression(range(len(overhead)), overhead).slope
+    return {"slope_s_per_trial": slope, "first_quarter_s": first, "last_quarter_s": last,
+            "last_over_first": last / first, "seq_s": [round(x, 2) for x in overhead]}  # fmt: skip
+
+
 def b5(cfg: Settings) -> dict:
     from mlflow.tracking import MlflowClient
 
@@ -411,8 +424,12 @@ def b5(cfg: Settings) -> dict:
             exp = client.get_experiment_by_name("orchestrator")
             runs = client.search_runs([exp.experiment_id], max_results=10_000)
             trials = [x for x in runs if x.data.tags.get("mlflow.parentRunId")]
+            timed = sorted(
+                (x for x in trials if "time/loop_s" in x.data.metrics and x.info.end_time),
+                key=lambda x: x.info.start_time,
+            )  # in the order the trials started
             overhead = [(x.info.end_time - x.info.start_time) / 1000 - x.data.metrics["time/loop_s"]
-                        for x in trials if "time/loop_s" in x.data.metrics and x.info.end_time]  # fmt: skip
+                        for x in timed]  # fmt: skip
             if not overhead:
                 raise SystemExit(f"B5: none of the {len(trials)} trials logged time/loop_s")
             q = statistics.quantiles(overhead, n=4) if len(overhead) > 1 else overhead * 3
@@ -422,6 +439,7 @@ def b5(cfg: Settings) -> dict:
                                          "q3": q[2], "min": min(overhead), "max": max(overhead)},
                 "sweep_wall_s": r["wall_s"],
                 "sweep_wall_per_trial_s": r["wall_s"] / n,
+                "by_start_order": start_order_trend(overhead),
             }  # fmt: skip
         print(f"  sweep of {n} trials done", flush=True)
     if len(cfg.trials) > 1:
@@ -557,6 +575,13 @@ def table(r: dict) -> list[str]:
         if "growth" in r["B5"]:
             rows.append(f"| B5 | overhead per trial, most / fewest trials | {r['B5']['growth']:.2f} "
                         f"| ≈ 1 | |")  # fmt: skip
+        for n, x in r["B5"].items():
+            t = x.get("by_start_order") if n != "growth" else None
+            if t:
+                rows.append(f"| B5 | within the {n}-trial sweep: last quarter of trials / first "
+                            f"quarter (by start) | {t['last_over_first']:.2f} | ≈ 1 | "
+                            f"{t['last_quarter_s']:.1f} / {t['first_quarter_s']:.1f} s; slope "
+                            f"{t['slope_s_per_trial']:+.3f} s per trial |")  # fmt: skip
     if "B6" in r:
         x, o, t = r["B6"], r["B6"]["orchestrate"], r["B6"]["torchrun"]
         rows.append(f"| B6 | peak RSS, driver / torchrun launcher | {fmt(x['driver_ratio'])} | ≤ 1.2 | "
