@@ -521,19 +521,15 @@ def _close_child(
     last_result: dict,
     failed: bool,
     max_epochs: int,
-    stop=lambda: None,
 ):
     """Give a trial's child run its terminal status; a trial the scheduler stopped doesn't end
-    its own run, so the driver does, tagging it `early_stopped` with the epoch it reached.
-    `stop()` is called for such a trial before its run is closed."""
+    its own run, so the driver does, tagging it `early_stopped` with the epoch it reached."""
     child = tracking.find_child_run(client, parent_id, trial_id)
     # The child run is what reviewers see; a trial can log one more epoch after the
     # scheduler's decision and before it is stopped, so count epochs there.
     logged = child.data.metrics if child is not None else last_result
     epochs = int(logged.get("epoch", 0) or 0)
     early = not failed and epochs < max_epochs
-    if early:
-        stop()
     if child is not None:
         client.set_tag(child.info.run_id, "early_stopped", str(early).lower())
         if early:
@@ -567,6 +563,14 @@ def _child_closer(
 
         def _close(self, trial, failed: bool) -> None:
             early, epochs = False, None
+            # Told first, before any MLflow call that could fail or wait: a stopped trial
+            # that goes on training would keep its process from the next trial. Tune's last
+            # result is the one the scheduler stopped it on.
+            if not failed and int((trial.last_result or {}).get("epoch", 0)) < max_epochs:
+                try:
+                    stop_trial(sweep_name, trial.trial_id)
+                except Exception as exc:
+                    print(f"warning: could not stop trial {trial.trial_id}: {exc}", flush=True)
             try:
                 with _INTERRUPTS.shielded():  # a Ctrl-C now is raised once the writes are done
                     _, _, epochs, early = _close_child(
@@ -576,7 +580,6 @@ def _child_closer(
                         trial.last_result or {},
                         failed,
                         max_epochs,
-                        stop=lambda: stop_trial(sweep_name, trial.trial_id),
                     )
             except Exception as exc:  # the final reconciliation will try again
                 print(
