@@ -114,7 +114,12 @@ def test_an_embedded_job_starts_no_helper_it_does_not_need(tmp_path):
     # (The controller is Ray's TrainController or one of ours, each named *TrainController*.)
     for actor in ("TrainController", "ray::RayTrainWorker", "ray::SynchronizationActor"):
         assert actor in titles, f"{actor} not among:\n{titles}"
-    for helper in ("DatasetManager", "AutoscalingCoordinator", "PlacementGroupCleaner"):
+    for helper in (
+        "DatasetManager",
+        "AutoscalingCoordinator",
+        "PlacementGroupCleaner",
+        "PreemptionWatcher",
+    ):
         assert helper not in titles, f"{helper} started:\n{titles}"
 
 
