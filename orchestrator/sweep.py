@@ -515,12 +515,7 @@ def _scheduler(base: dict[str, Any]):
 
 
 def _close_child(
-    client,
-    parent_id: str,
-    trial_id: str,
-    last_result: dict,
-    failed: bool,
-    max_epochs: int,
+    client, parent_id: str, trial_id: str, last_result: dict, failed: bool, max_epochs: int
 ):
     """Give a trial's child run its terminal status; a trial the scheduler stopped doesn't end
     its own run, so the driver does, tagging it `early_stopped` with the epoch it reached."""
