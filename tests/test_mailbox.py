@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import uuid
 
-from orchestrator.mailbox import Mailbox, drain, drain_while_alive
+from orchestrator.mailbox import Mailbox, drain, drain_while_alive, post_to
 from orchestrator.tracking import MetricsReceiver
 from tests.conftest import tracking_uri
 
@@ -104,12 +104,6 @@ def test_rank0_keeps_its_metrics_while_the_driver_does_not_answer(
     ]
 
 
-def _post_from_another_process(name: str, event: dict) -> bool:
-    from orchestrator.mailbox import post_to
-
-    return post_to(name, event)
-
-
 def test_a_named_inbox_takes_a_stop_from_another_process_and_is_gone_once_killed(ray_driver):
     """How a sweep's driver tells a stopped trial to end (sweep.stop_trial)."""
     import threading
@@ -117,7 +111,7 @@ def test_a_named_inbox_takes_a_stop_from_another_process_and_is_gone_once_killed
 
     name = f"inbox-{uuid.uuid4().hex}"
     mailbox = Mailbox(name=name)
-    post = ray_driver.remote(num_cpus=0)(_post_from_another_process)
+    post = ray_driver.remote(num_cpus=0)(post_to)  # from another process, as the sweep's driver
     assert ray_driver.get(post.remote(name, {"type": "stop"})) is True
 
     # The trial's drain stops as soon as it has the stop, though `fit` still runs.
