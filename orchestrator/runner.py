@@ -166,6 +166,8 @@ def _track_and_fit(cfg, job, argv, overrides, started_at, use_gpu, resume_id) ->
         thread, box = launch.fit_in_background(
             cfg, run_id, use_gpu, storage, f"{name}-{run_id}", mailbox, shared=shared
         )
+        if trk["log_model"]:
+            tracking.import_model_logging_in_background()
         drain_while_alive(mailbox, thread, on_event)
         if "error" in box:
             raise TrainingFailed(_describe(box["error"]))

@@ -87,17 +87,31 @@ def import_in_background(uri: str) -> None:
     """Import MLflow (seconds) in a thread while the caller waits on something else, such as Ray
     starting. Modules only: nothing is created in the store, so a run refused later leaves
     nothing behind."""
-    import importlib
-
     modules = ["mlflow.tracking", "mlflow.entities"]
     if uri.startswith("sqlite:"):
         modules.append("mlflow.store.tracking.sqlalchemy_store")
+    _import_in_thread(modules, "import-mlflow")
+
+
+def import_model_logging_in_background() -> None:
+    """Import what logging the final model needs while the workers train, instead of after
+    training, on the way to the run's end: MLflow's PyTorch flavor, and the module behind
+    `torch.export.export`, which that flavor saves the model with (imported on the first
+    call; ~1.5-2 s here, most of it torch._dynamo)."""
+    _import_in_thread(["mlflow.pytorch", "torch.export._trace"], "import-model-logging")
+
+
+def _import_in_thread(modules: list[str], name: str) -> None:
+    import importlib
 
     def load() -> None:
-        for name in modules:
-            importlib.import_module(name)
+        for module in modules:
+            try:
+                importlib.import_module(module)
+            except ImportError:  # only a head start: the real import reports any problem
+                return
 
-    threading.Thread(target=load, name="import-mlflow", daemon=True).start()
+    threading.Thread(target=load, name=name, daemon=True).start()
 
 
 def client(uri: str):
