@@ -236,12 +236,5 @@ def main(argv: list[str] | None = None) -> int:
         return exc.exit_code
 
 
-def console() -> None:
-    """The `orchestrate` command (pyproject's entry point): `main`, then a quick exit."""
-    from orchestrator import quick_exit
-
-    quick_exit.run(main)
-
-
 if __name__ == "__main__":
-    console()
+    sys.exit(main())

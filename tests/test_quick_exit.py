@@ -67,22 +67,18 @@ def test_a_command_that_raises_exits_as_python_would():
 
 
 def test_every_installed_command_ends_through_quick_exit():
-    # quick_exit ends the process in the first atexit handler registered when the command
-    # starts: every handler registered before it would be skipped. Importing a command's
-    # module registers none, or only logging's (which quick_exit runs itself).
-    for module in ("orchestrator.cli", "orchestrator.predict", "orchestrator.remote"):
-        check = (
-            f"import atexit, sys; import {module}; "
-            "print(atexit._ncallbacks() - ('logging' in sys.modules))"
-        )
-        out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
-        assert out.stdout.strip() == "0", (module, out.stdout, out.stderr)
+    # quick_exit ends the process in the first atexit handler registered: one registered
+    # before it would be skipped. The entry points' module registers none on import, and
+    # imports the command's module only after registering its own.
+    check = "import atexit; import orchestrator.quick_exit; print(atexit._ncallbacks())"
+    out = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert out.stdout.strip() == "0", (out.stdout, out.stderr)
 
     commands = {
         e.name: e.value for e in entry_points(group="console_scripts") if e.name.startswith("orch")
     }
     assert commands == {
-        "orchestrate": "orchestrator.cli:console",
-        "orchestrate-predict": "orchestrator.predict:console",
-        "orchestrate-jobs": "orchestrator.remote:console",
+        "orchestrate": "orchestrator.quick_exit:orchestrate",
+        "orchestrate-predict": "orchestrator.quick_exit:orchestrate_predict",
+        "orchestrate-jobs": "orchestrator.quick_exit:orchestrate_jobs",
     }
