@@ -256,18 +256,15 @@ def fit(
     `box`: where the trainer is kept while it runs (`fit_in_background`'s, for `end_train_run`).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig
 
     from orchestrator import shared_data
     from orchestrator.loop import ray_train_fn
-    from orchestrator.loopback import LoopbackTorchConfig
+    from orchestrator.process_group import ProcessGroupConfig
     from orchestrator.trainers import trainer_class
 
     t = cfg["trainer"]
     cfg = {**cfg, "launch": {**cfg.get("launch", {}), "fit_called_at": time.time()}}
     embedded = cfg["cluster"]["address"] is None
-    # The embedded cluster keeps DDP's rendezvous store on 127.0.0.1 too (see loopback.py).
-    torch_config_cls = LoopbackTorchConfig if embedded else TorchConfig
     # A sweep trial (it brings Tune's callback) keeps Ray's placement-group cleaner: a stopped
     # trial ends by killing its controller (`end_train_run`; see trainers.py).
     trainer = trainer_class(embedded, sweep_trial=callbacks is not None)(
@@ -279,8 +276,9 @@ def fit(
             # Built while Ray Train starts its workers, once for all of them.
             "shared": shared if shared is not None else shared_data.start(cfg),
         },
-        # gloo on CPU, NCCL on GPU: set explicitly so the choice is visible, not inferred.
-        torch_config=torch_config_cls(backend="nccl" if use_gpu else "gloo"),
+        # gloo on CPU, NCCL on GPU: set explicitly so the choice is visible, not inferred. The
+        # embedded cluster keeps DDP's rendezvous store on 127.0.0.1 too (see loopback.py).
+        torch_config=ProcessGroupConfig(backend="nccl" if use_gpu else "gloo", loopback=embedded),
         scaling_config=ScalingConfig(
             num_workers=t["num_workers"],
             use_gpu=use_gpu,

@@ -5,19 +5,18 @@ whatever MASTER_ADDR says: on an embedded Ray it was the one port of the whole r
 from the network (tests/test_secure_defaults.py found it), unauthenticated. And gloo binds to
 the address the hostname resolves to, which on many machines is the LAN address.
 
-For the embedded cluster `launch` therefore points gloo at the loopback interface and uses
-`LoopbackTorchConfig`, whose backend makes each worker swap torch's store factory for one
-whose server socket is bound to 127.0.0.1 before Ray Train creates the process group.
-Imported only by `launch`, after Ray's own loopback switch is set.
+For the embedded cluster `launch` therefore points gloo at the loopback interface and asks for
+`ProcessGroupConfig(loopback=True)` (orchestrator/process_group.py), whose backend makes each
+worker swap torch's store factory for one whose server socket is bound to 127.0.0.1 before
+Ray Train creates the process group. Imports no torch at the top: the controller loads this
+module to send the workers `bind_rendezvous_to_loopback`.
 """
 
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass
 
 import psutil
-from ray.train.torch.config import TorchConfig, _TorchBackend
 
 
 def loopback_interface() -> str:
@@ -61,16 +60,3 @@ def bind_rendezvous_to_loopback() -> None:
 
     create.loopback_only = True  # type: ignore[attr-defined]
     rendezvous._create_c10d_store = create  # type: ignore[attr-defined]
-
-
-class _LoopbackTorchBackend(_TorchBackend):
-    def on_start(self, worker_group, backend_config):
-        worker_group.execute(bind_rendezvous_to_loopback)
-        super().on_start(worker_group, backend_config)
-
-
-@dataclass
-class LoopbackTorchConfig(TorchConfig):
-    @property
-    def backend_cls(self):
-        return _LoopbackTorchBackend

@@ -23,11 +23,10 @@ from ray.train.v2._internal.execution.scaling_policy import (
     create_scaling_policy,
 )
 
+from orchestrator.controller import POLL_INTERVAL_S, FixedScalingWithoutAutoscaler
 from orchestrator.trainers import (
-    POLL_INTERVAL_S,
     EmbeddedSweepTrialTrainer,
     EmbeddedTorchTrainer,
-    FixedScalingWithoutAutoscaler,
     JobTorchTrainer,
     trainer_class,
 )
@@ -127,9 +126,10 @@ def test_an_embedded_job_starts_no_helper_it_does_not_need(tmp_path):
 # "embedded") or the session's head joined (argv[2] its address), then tiny fits, one per
 # (label, trainer, RAY_TRAIN_* settings in the driver's env); each worker and the controller
 # (through a user callback, which runs there) write what runtime env they got, the poll
-# variable they see and, in the controller, the poll interval it uses; each worker also its
-# process title (Ray's `ray::<actor class>`) and whether torch._dynamo was imported already
-# when the training function began (torch is: Ray Train imports it to set up the group).
+# variable they see and, in the controller, the poll interval it uses and whether it imported
+# torch; each worker also its process title (Ray's `ray::<actor class>`) and whether
+# torch._dynamo was imported already when the training function began (torch is: Ray Train
+# imports it to set up the group).
 _RUNTIME_ENVS = r"""
 import gc, json, os, pathlib, sys
 import ray
@@ -156,7 +156,8 @@ class RecordController(UserCallback):
         self.out = out
     def after_report(self, run_context, metrics, checkpoint):
         (controller,) = [o for o in gc.get_objects() if isinstance(o, TrainController)]
-        record(f"{self.out}/controller.json", interval=controller._health_check_interval_s)
+        record(f"{self.out}/controller.json", interval=controller._health_check_interval_s,
+               torch_imported="torch" in sys.modules)
 
 root, where = pathlib.Path(sys.argv[1]), sys.argv[2]
 if where == "embedded":
@@ -210,10 +211,14 @@ def test_embedded_controller_and_workers_inherit_the_driver_env_without_a_runtim
     # The poll interval comes from our controller class, not from the environment.
     assert fits["ours"]["controller"]["poll_env"] is None
     assert fits["ours"]["controller"]["interval"] == POLL_INTERVAL_S
-    # Not vacuous: Ray's own trainer gives each its own runtime env, and polls every 2 s.
+    # Our controller sets up the process group without loading torch (process_group.py).
+    assert fits["ours"]["controller"]["torch_imported"] is False
+    # Not vacuous: Ray's own trainer gives each its own runtime env, polls every 2 s, and its
+    # controller imports torch with Ray's TorchConfig.
     for process, got in fits["rays"].items():
         assert got["runtime_env"]["env_vars"], process
     assert fits["rays"]["controller"]["interval"] == 2.0
+    assert fits["rays"]["controller"]["torch_imported"] is True
     # Right after Ray starts, workers import nothing ahead (no faster there): Ray's own actor.
     for fit in ("ours", "rays"):
         for rank in ("worker-0", "worker-1"):
@@ -234,6 +239,8 @@ def test_on_a_cluster_a_runtime_env_carries_only_the_users_ray_train_settings(tm
         env_vars = got["runtime_env"]["env_vars"]
         assert env_vars["RAY_TRAIN_COLLECTIVE_WARN_INTERVAL_S"] == "77", process
     assert fits["ours_with_a_setting"]["controller"]["interval"] == POLL_INTERVAL_S
+    for fit in ("ours", "ours_with_a_setting"):
+        assert fits[fit]["controller"]["torch_imported"] is False, fit
     # On a cluster, either way, the workers imported torch._dynamo (which every optimizer needs)
     # while the group started; embedded workers have not (the test above: not vacuous).
     # (The tests' checks for workers left behind know this title too.)

@@ -1,0 +1,86 @@
+"""Ray Train's controller and worker-group classes for our runs (see orchestrator/trainers.py
+for why each exists, and which run gets which).
+
+This module is what the controller actor's process loads to create the controller, so it
+imports no torch, directly or through Ray's torch modules: `import ray.train.torch` costs 1.4 s
+of CPU there, on the path to the first step (orchestrator/process_group.py).
+"""
+
+from __future__ import annotations
+
+import os
+
+from ray.train.v2._internal.constants import (
+    HEALTH_CHECK_INTERVAL_S_ENV_VAR,
+    RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
+)
+from ray.train.v2._internal.execution.controller import TrainController
+from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
+from ray.train.v2._internal.execution.worker_group import WorkerGroup
+
+from orchestrator.worker_actor import WorkerImportingAhead
+
+
+class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
+    """Ray's fixed scaling, minus the resource requests nobody reads on a cluster without an
+    autoscaler (the cancel at shutdown is already a no-op when none was sent)."""
+
+    def after_controller_start(self, train_run_context) -> None:
+        pass
+
+    def _maybe_send_resource_request(self) -> None:
+        pass
+
+
+# Ray Train V2's controller polls its workers every 2 s, and a report that carries a
+# checkpoint waits for that poll: 2 s lost per epoch. 0.25 s cuts it to ~0.25 s (measured).
+POLL_INTERVAL_S = 0.25
+
+
+class WorkerGroupWithoutRuntimeEnv(WorkerGroup):
+    """Workers with no runtime env beyond the user's (none here), so an idle Ray worker process
+    can serve: for runs whose driver has no RAY_TRAIN_* setting to carry to them."""
+
+    @staticmethod
+    def _get_worker_runtime_env(custom_runtime_env):
+        return dict(custom_runtime_env)
+
+
+class ClusterWorkerGroup(WorkerGroup):
+    """On a cluster this driver joined: workers that import what the first step needs while
+    they wait for the rest of the group (orchestrator/worker_actor.py). Not on the embedded
+    cluster, whose workers start right after Ray itself on the same CPUs: there the imports
+    ahead found no idle CPU and were no faster (benchmarks/NOTES.md)."""
+
+    _worker_cls = WorkerImportingAhead
+
+
+class ClusterWorkerGroupWithoutRuntimeEnv(ClusterWorkerGroup, WorkerGroupWithoutRuntimeEnv):
+    pass
+
+
+class JobTrainController(TrainController):
+    """Ray's controller, polling every POLL_INTERVAL_S unless the user set Ray's variable."""
+
+    # The runtime-env path is taken on clusters only.
+    worker_group_cls: type[WorkerGroup] = ClusterWorkerGroup
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if HEALTH_CHECK_INTERVAL_S_ENV_VAR not in os.environ:
+            self._health_check_interval_s = POLL_INTERVAL_S
+        # Ray gives its controller this in its runtime env (here: set for either kind): it
+        # blocks its event loop on purpose. This process hosts the controller alone.
+        os.environ.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, "0")
+
+
+class TrainControllerWithoutRuntimeEnv(JobTrainController):
+    """The embedded cluster's controller, starting `WorkerGroupWithoutRuntimeEnv`s."""
+
+    worker_group_cls = WorkerGroupWithoutRuntimeEnv
+
+
+class ClusterTrainControllerWithoutRuntimeEnv(JobTrainController):
+    """A joined cluster's controller when there are no settings to carry."""
+
+    worker_group_cls = ClusterWorkerGroupWithoutRuntimeEnv
