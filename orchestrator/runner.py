@@ -254,7 +254,11 @@ def log_final_model(cfg, job, run_id: str, checkpoint_dir: str, shared=None) -> 
     trk = cfg["tracking"]
     # As on the workers: a job may load `models:/name@alias` (fine-tuning) from this job's store.
     os.environ["MLFLOW_TRACKING_URI"] = os.environ["MLFLOW_REGISTRY_URI"] = trk["uri"]
-    state = checkpoint.load(checkpoint_dir)
+    # Ray hands back its latest registered checkpoint, which a crash mid-copy may have damaged;
+    # the newest intact one beside it is the model (as a resumed run's workers choose).
+    state, used, problems = checkpoint.load_newest_intact(checkpoint_dir)
+    if problems:
+        print(f"final model from {used.name} (skipped {'; '.join(problems)})", flush=True)
     jcfg = job_config(job, cfg["job"])
     torch.manual_seed(cfg["seed"])
     splits = shared_data.kept_splits(shared)
