@@ -9,11 +9,14 @@ on 2 CPUs), and two of them sit on the path to the first step:
 - The fixed scaling policy asks Ray Data's `AutoscalingCoordinator` for the workers'
   resources, so that an autoscaler can add nodes; the controller creates that actor and waits
   for its answer before it starts the workers. The embedded cluster has no autoscaler.
-- `PlacementGroupCleaner` frees the workers' placement group if the controller dies without
-  cleaning up, which matters on a long-lived cluster (the driver's machine may vanish) and in
-  sweeps (a trial the scheduler stops ends by killing its controller). A single job on the embedded cluster
-  needs none of it — the whole cluster ends with this process — and at the end of every run
-  Ray waits for the cleaner to stop, ~12 s when its State API query is slow or missing.
+- `PlacementGroupCleaner` (a detached actor) frees the workers' placement group if the
+  controller dies without cleaning up while its job's driver lives on. Ray itself frees a
+  placement group once both the actor that created it and its job have ended. That matters
+  in sweeps: Tune stops a trial by killing its controller while the sweep's driver goes on.
+  A single job's driver ends when its controller dies (`fit` raises), and when the driver
+  dies Ray ends its controller with it, on any cluster: single jobs run without the cleaner
+  (tests/test_faults.py checks a killed driver's placement group is removed). At the end of
+  every run Ray also waits for the cleaner to stop: ~1 s, ~12 s without the State API.
 
 Ray Train also gives its controller and its workers a runtime env of their own, to carry the
 driver's RAY_TRAIN_* settings to another machine. An actor with a runtime env cannot be one of
@@ -63,10 +66,12 @@ from orchestrator.process_group import ProcessGroupConfig
 
 
 class JobTorchTrainer(TorchTrainer):
-    """A TorchTrainer without Ray Datasets' manager actor, for every run on any cluster; its
-    process group is set up by `ProcessGroupConfig` unless given another config."""
+    """A single job on a cluster the driver joined: a TorchTrainer without Ray Datasets'
+    manager actor or the placement-group cleaner (the base of every trainer here); its process
+    group is set up by `ProcessGroupConfig` unless given another config."""
 
-    keeps_cleaner = True
+    # Sweep trials keep it: a stopped trial ends by killing its controller (`end_train_run`).
+    keeps_cleaner = False
     # On the embedded cluster: no autoscaler, and every process inherits the driver's env.
     embedded = False
 
@@ -122,20 +127,25 @@ class JobTorchTrainer(TorchTrainer):
         return ray.get(controller.get_result.remote())
 
 
-class EmbeddedSweepTrialTrainer(JobTorchTrainer):
-    """A sweep trial on the embedded cluster: no autoscaler; keeps the cleaner for Tune."""
+class ClusterSweepTrialTrainer(JobTorchTrainer):
+    """A sweep trial on a cluster the driver joined: keeps the cleaner for Tune."""
 
-    embedded = True
+    keeps_cleaner = True
 
 
 class EmbeddedTorchTrainer(JobTorchTrainer):
-    """A single job on the embedded cluster: no autoscaler, no placement-group cleaner."""
+    """A single job on the embedded cluster: no autoscaler either."""
 
-    keeps_cleaner = False
     embedded = True
 
 
+class EmbeddedSweepTrialTrainer(EmbeddedTorchTrainer):
+    """A sweep trial on the embedded cluster: no autoscaler; keeps the cleaner for Tune."""
+
+    keeps_cleaner = True
+
+
 def trainer_class(embedded: bool, sweep_trial: bool) -> type[JobTorchTrainer]:
-    if not embedded:
-        return JobTorchTrainer
-    return EmbeddedSweepTrialTrainer if sweep_trial else EmbeddedTorchTrainer
+    if embedded:
+        return EmbeddedSweepTrialTrainer if sweep_trial else EmbeddedTorchTrainer
+    return ClusterSweepTrialTrainer if sweep_trial else JobTorchTrainer

@@ -118,3 +118,32 @@ def test_the_final_model_is_logged_from_the_runs_splits_not_data_built_again(
         assert client.get_run(run_id).info.status == "FINISHED"
     logged = capsys.readouterr().out
     assert logged.count("Model logged: models:/") == 2, logged
+
+
+def test_a_damaged_final_checkpoint_gives_way_to_the_newest_intact_one(tmp_path, capsys):
+    """Ray hands the driver its latest registered checkpoint, which a crash mid-copy may have
+    truncated (seen: SIGTERM as the last epoch's checkpoint was written, then a resume with
+    nothing left to train). The final model then comes from the newest intact one beside it."""
+    from mlflow import MlflowClient
+
+    from orchestrator import tracking
+    from orchestrator.job import job_config, load_job
+    from orchestrator.runner import log_final_model
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = compose_config(["job=cnn_digits", f"tracking.uri={uri}"])
+    job = load_job("cnn_digits")
+    splits = job.build_data(job_config(job, cfg["job"]))
+    run_dir = tmp_path / "cnn_digits-run"
+    _checkpoint_of_fresh_model(job, cfg, splits, run_dir / "checkpoint_older")
+    latest = _checkpoint_of_fresh_model(job, cfg, splits, run_dir / "checkpoint_latest")
+    state = run_dir / "checkpoint_latest" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    run_id = tracking.create_run(uri, "final", "damaged", {}, {}, "")
+
+    log_final_model(cfg, job, run_id, latest)  # no shared splits: the driver builds them
+
+    out = capsys.readouterr().out
+    assert "final model from checkpoint_older (skipped " in out, out
+    assert "checksum mismatch" in out and "Model logged: models:/" in out, out
+    assert MlflowClient(uri).get_run(run_id).info.status == "FINISHED"

@@ -25,6 +25,7 @@ from ray.train.v2._internal.execution.scaling_policy import (
 
 from orchestrator.controller import POLL_INTERVAL_S, FixedScalingWithoutAutoscaler
 from orchestrator.trainers import (
+    ClusterSweepTrialTrainer,
     EmbeddedSweepTrialTrainer,
     EmbeddedTorchTrainer,
     JobTorchTrainer,
@@ -51,18 +52,22 @@ def test_each_trainer_drops_exactly_what_its_runs_do_not_need(tmp_path):
     # If a Ray upgrade renames a callback, this fails instead of its cost coming back.
     assert DatasetsCallback in ray_default and PlacementGroupCleanerCallback in ray_default
     no_datasets = [c for c in ray_default if c is not DatasetsCallback]
-    assert _callbacks(JobTorchTrainer, tmp_path) == no_datasets
+    # Sweep trials keep the cleaner: Tune stops a trial by killing its controller.
+    assert _callbacks(ClusterSweepTrialTrainer, tmp_path) == no_datasets
     assert _callbacks(EmbeddedSweepTrialTrainer, tmp_path) == no_datasets
-    assert _callbacks(EmbeddedTorchTrainer, tmp_path) == [
-        c for c in no_datasets if c is not PlacementGroupCleanerCallback
-    ]
+    # A single job's placement group goes with its driver (tests/test_faults.py checks it).
+    for single_job in (JobTorchTrainer, EmbeddedTorchTrainer):
+        assert _callbacks(single_job, tmp_path) == [
+            c for c in no_datasets if c is not PlacementGroupCleanerCallback
+        ]
 
 
 def test_only_the_embedded_cluster_skips_autoscaler_requests(tmp_path):
     ray_default = create_scaling_policy(ScalingConfig(num_workers=2))
     assert type(ray_default) is FixedScalingPolicy
     # A real cluster may have an autoscaler that reads them: Ray's policy, untouched.
-    assert _trainer(JobTorchTrainer, tmp_path).scaling_policy(ray_default) is ray_default
+    for cls in (JobTorchTrainer, ClusterSweepTrialTrainer):
+        assert _trainer(cls, tmp_path).scaling_policy(ray_default) is ray_default
     for cls in (EmbeddedTorchTrainer, EmbeddedSweepTrialTrainer):
         policy = _trainer(cls, tmp_path).scaling_policy(ray_default)
         assert type(policy) is FixedScalingWithoutAutoscaler
@@ -87,9 +92,9 @@ def test_trainer_class_per_kind_of_run():
     assert trainer_class(embedded=True, sweep_trial=False) is EmbeddedTorchTrainer
     # Tune stops a sweep trial by killing its controller: the cleaner frees its CPUs.
     assert trainer_class(embedded=True, sweep_trial=True) is EmbeddedSweepTrialTrainer
-    # A long-lived cluster outlives this driver and may autoscale: keep Ray's guard and requests.
+    # A cluster the driver joined may autoscale: Ray's resource requests stay.
     assert trainer_class(embedded=False, sweep_trial=False) is JobTorchTrainer
-    assert trainer_class(embedded=False, sweep_trial=True) is JobTorchTrainer
+    assert trainer_class(embedded=False, sweep_trial=True) is ClusterSweepTrialTrainer
 
 
 def _process_titles(root: psutil.Process) -> str:
