@@ -76,13 +76,17 @@ def load_newest_intact(directory: str | os.PathLike) -> tuple[dict[str, Any], Pa
     came from and what was wrong with those skipped; raises CorruptCheckpoint if none is intact.
     """
     directory = Path(directory)
-    problems: list[str] = []
-    candidates = [directory] + sorted(
+    try:
+        return load(directory), directory, []
+    except CorruptCheckpoint as exc:
+        problems = [str(exc)]
+    # Only now look beside it: the usual case (intact) reads no other checkpoint's metadata.
+    others = sorted(
         (d for d in directory.parent.iterdir() if d != directory and (d / META_FILE).exists()),
         key=_epoch_of,
         reverse=True,
     )
-    for candidate in candidates:
+    for candidate in others:
         try:
             return load(candidate), candidate, problems
         except CorruptCheckpoint as exc:

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 
 import ray
+from ray._private import ray_constants
 from ray.exceptions import GetTimeoutError
 from ray.train._internal.utils import get_address_and_port
 from ray.train.backend import Backend, BackendConfig
@@ -105,11 +106,8 @@ class ProcessGroupBackend(Backend):
         futures = worker_group.execute_async(
             _destroy_process_group, destroy_process_group=len(worker_group) > 1
         )
-        timeout_s = int(
-            os.environ.get(
-                TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
-                DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S,
-            )
+        timeout_s = ray_constants.env_integer(
+            TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S, DEFAULT_TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S
         )
         try:
             ray.get(futures, timeout=timeout_s)

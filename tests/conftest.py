@@ -130,21 +130,10 @@ def ray_head():
     HEAD_SESSION.append(session)
     HEAD_DASHBOARD.append(f"http://127.0.0.1:{dashboard_port}")
     yield f"127.0.0.1:{port}"
-    held = _placement_groups_held()
+    held = placement_groups_held(wait_s=30)  # a sweep's stopped trial is freed asynchronously
     _stop_session(session)
     # Every run on the head gave its workers' CPUs back, killed, failed or stopped ones too.
     assert not held, f"placement groups still held after the session's last test: {held}"
-
-
-def _placement_groups_held(wait_s: float = 30) -> set[str]:
-    """The head's placement groups not yet removed, once those being removed are given
-    `wait_s` (a sweep's stopped trial is freed by Ray Train's cleaner, asynchronously)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        held = {pg for pg, state in head_placement_groups().items() if state != "REMOVED"}
-        if not held or time.monotonic() > deadline:
-            return held
-        time.sleep(1)
 
 
 @pytest.fixture
@@ -191,14 +180,22 @@ def head_actors(class_name: str) -> set[str]:
     return {a.actor_id for a in found}
 
 
-def head_placement_groups() -> dict[str, str]:
-    """{id: state} of every placement group the session's head has had (Ray's State API)."""
+def placement_groups_held(wait_s: float = 0, among: set[str] | None = None) -> set[str]:
+    """Ids of the session head's placement groups not removed (of `among`, if given), after
+    giving those still held up to `wait_s` to go (Ray's State API)."""
     from ray.util.state import list_placement_groups
 
-    found = list_placement_groups(
-        address=HEAD_DASHBOARD[0], limit=10_000, raise_on_missing_output=False
-    )
-    return {pg.placement_group_id: pg.state for pg in found}
+    deadline = time.monotonic() + wait_s
+    while True:
+        found = list_placement_groups(
+            address=HEAD_DASHBOARD[0], limit=10_000, raise_on_missing_output=False
+        )
+        held = {pg.placement_group_id for pg in found if pg.state != "REMOVED"}
+        if among is not None:
+            held &= among
+        if not held or time.monotonic() >= deadline:
+            return held
+        time.sleep(0.5)
 
 
 def _session_dir_of(port: int) -> str:

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from tests.conftest import (
     ORCHESTRATE,
     _free_port,
-    head_placement_groups,
+    placement_groups_held,
     runs_of,
     tracking_uri,
     train_workers,
@@ -173,12 +173,8 @@ def test_more_failures_than_max_failures_fail_the_run_with_the_cause(tmp_path, r
     assert_no_workers_left(train_workers)
 
 
-def _created(groups: dict[str, str]) -> set[str]:
-    return {pg for pg, state in groups.items() if state == "CREATED"}
-
-
 def test_driver_killed_then_resumed_with_one_command(tmp_path, ray_head, reference):
-    before = _created(head_placement_groups())
+    before = placement_groups_held()
     driver = Driver([*JOB, f"cluster.address={ray_head}"], tmp_path)
     run_id = the_run_id(tmp_path, driver)
     # While its driver lives, the run is not resumed (two drivers would train it twice).
@@ -186,17 +182,14 @@ def test_driver_killed_then_resumed_with_one_command(tmp_path, ray_head, referen
     assert code == 2 and f"still being driven by process {driver.proc.pid}" in out, out
     assert driver.proc.poll() is None and "Resuming" not in out
     wait_epochs(MlflowClient(tracking_uri(tmp_path)), run_id, 2, driver)
-    workers_group = _created(head_placement_groups()) - before
+    workers_group = placement_groups_held() - before
     assert workers_group, "the run's workers hold a placement group while they train"
     driver.proc.send_signal(signal.SIGKILL)  # no chance to clean up or mark the run
     driver.wait()
     # Ray ends a dead driver's job: its Train controller and workers go with it, and the
     # workers' placement group is removed (a single job runs without Ray Train's cleaner).
     assert_no_workers_left(train_workers)
-    deadline = time.monotonic() + 30
-    while workers_group & _created(head_placement_groups()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not workers_group & _created(head_placement_groups()), head_placement_groups()
+    assert not placement_groups_held(wait_s=30, among=workers_group), workers_group
     code, out = Driver([f"resume={run_id}", f"cluster.address={ray_head}"], tmp_path).wait()
     assert code == 0, out
     assert f"Resuming MLflow run {run_id}" in out
