@@ -16,6 +16,9 @@ import torch
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+# Ray Train writes this beside a run's checkpoints each time it registers one
+# (ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).
+RAY_RUN_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
 class CorruptCheckpoint(Exception):
@@ -71,8 +74,8 @@ def _epoch_of(directory: Path) -> int:
 
 
 def load_newest_intact(directory: str | os.PathLike) -> tuple[dict[str, Any], Path, list[str]]:
-    """Load `directory`, or, when it is corrupt, the newest intact checkpoint beside it (Ray
-    keeps the last `num_to_keep` side by side on shared storage). Returns the state, where it
+    """Load `directory`, or, when it is corrupt, the newest intact checkpoint beside it in its
+    run's directory (Ray keeps the last `num_to_keep` side by side). Returns the state, where it
     came from and what was wrong with those skipped; raises CorruptCheckpoint if none is intact.
     """
     directory = Path(directory)
@@ -81,14 +84,24 @@ def load_newest_intact(directory: str | os.PathLike) -> tuple[dict[str, Any], Pa
     except CorruptCheckpoint as exc:
         problems = [str(exc)]
     # Only now look beside it: the usual case (intact) reads no other checkpoint's metadata.
-    others = sorted(
-        (d for d in directory.parent.iterdir() if d != directory and (d / META_FILE).exists()),
-        key=_epoch_of,
-        reverse=True,
-    )
-    for candidate in others:
+    for candidate in _older_checkpoints_of_the_same_run(directory):
         try:
             return load(candidate), candidate, problems
         except CorruptCheckpoint as exc:
             problems.append(str(exc))
     raise CorruptCheckpoint("no intact checkpoint: " + "; ".join(problems))
+
+
+def _older_checkpoints_of_the_same_run(directory: Path) -> list[Path]:
+    """The other checkpoints in `directory`'s run directory, newest first; none when `directory`
+    is not in one. A checkpoint on cloud storage reaches us as Ray's download into
+    `<tempdir>/checkpoint_tmp_<uuid>`: its siblings there are other runs' downloads."""
+    run_dir = directory.parent
+    if not (run_dir / RAY_RUN_SNAPSHOT).exists():
+        return []
+    others = (
+        d
+        for d in run_dir.iterdir()
+        if d != directory and d.name.startswith("checkpoint_") and (d / META_FILE).exists()
+    )
+    return sorted(others, key=_epoch_of, reverse=True)

@@ -180,21 +180,38 @@ def test_ema_decay_out_of_range_is_a_clear_error():
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_intact_one(tmp_path):
-    """Ray keeps the last checkpoints side by side; a truncated newest one is skipped, loudly."""
-    from orchestrator.checkpoint import load_newest_intact
+    """Ray keeps a run's last checkpoints side by side; a truncated newest one is skipped, loudly."""
+    from orchestrator.checkpoint import RAY_RUN_SNAPSHOT, load_newest_intact
 
     for epoch in (1, 2, 3):
-        save({"w": torch.full((100,), float(epoch)), "epoch": epoch}, tmp_path / f"ckpt_{epoch}")
-    (tmp_path / "ckpt_3" / "state.pt").write_bytes(b"truncated")
-    (tmp_path / "ckpt_2" / "meta.json").write_text('{"sha256": "0", "epoch": 2}')
-    state, used, problems = load_newest_intact(tmp_path / "ckpt_3")
-    assert used.name == "ckpt_1" and state["epoch"] == 1  # newest first: 3, 2, then 1
+        save(
+            {"w": torch.full((100,), float(epoch)), "epoch": epoch},
+            tmp_path / f"checkpoint_{epoch}",
+        )
+    (tmp_path / RAY_RUN_SNAPSHOT).write_text("{}")
+    (tmp_path / "checkpoint_3" / "state.pt").write_bytes(b"truncated")
+    (tmp_path / "checkpoint_2" / "meta.json").write_text('{"sha256": "0", "epoch": 2}')
+    state, used, problems = load_newest_intact(tmp_path / "checkpoint_3")
+    assert used.name == "checkpoint_1" and state["epoch"] == 1  # newest first: 3, 2, then 1
     assert len(problems) == 2 and all("checksum" in p for p in problems)
-    (tmp_path / "ckpt_2" / "meta.json").write_text("{not json")
+    (tmp_path / "checkpoint_2" / "meta.json").write_text("{not json")
     with pytest.raises(CorruptCheckpoint, match="unreadable"):
-        load(tmp_path / "ckpt_2")
-    intact, where, none = load_newest_intact(tmp_path / "ckpt_1")
-    assert where.name == "ckpt_1" and none == []
-    (tmp_path / "ckpt_1" / "state.pt").unlink()
+        load(tmp_path / "checkpoint_2")
+    intact, where, none = load_newest_intact(tmp_path / "checkpoint_1")
+    assert where.name == "checkpoint_1" and none == []
+    (tmp_path / "checkpoint_1" / "state.pt").unlink()
     with pytest.raises(CorruptCheckpoint, match="no intact checkpoint"):
-        load_newest_intact(tmp_path / "ckpt_3")
+        load_newest_intact(tmp_path / "checkpoint_3")
+
+
+def test_a_corrupt_downloaded_checkpoint_never_falls_back_to_another_runs_download(tmp_path):
+    """A checkpoint on cloud storage reaches the loader as Ray's download into the temp directory
+    (`checkpoint_tmp_<uuid>`), beside other runs' downloads: none of those is this run's."""
+    from orchestrator.checkpoint import load_newest_intact
+
+    save({"epoch": 7}, tmp_path / "checkpoint_tmp_other_run")
+    save({"epoch": 2}, tmp_path / "checkpoint_tmp_this_run")
+    (tmp_path / "checkpoint_tmp_this_run" / "state.pt").write_bytes(b"truncated")
+    with pytest.raises(CorruptCheckpoint, match="no intact checkpoint") as raised:
+        load_newest_intact(tmp_path / "checkpoint_tmp_this_run")
+    assert "other_run" not in str(raised.value)

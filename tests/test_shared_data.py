@@ -127,6 +127,7 @@ def test_a_damaged_final_checkpoint_gives_way_to_the_newest_intact_one(tmp_path,
     from mlflow import MlflowClient
 
     from orchestrator import tracking
+    from orchestrator.checkpoint import RAY_RUN_SNAPSHOT
     from orchestrator.job import job_config, load_job
     from orchestrator.runner import log_final_model
 
@@ -137,6 +138,7 @@ def test_a_damaged_final_checkpoint_gives_way_to_the_newest_intact_one(tmp_path,
     run_dir = tmp_path / "cnn_digits-run"
     _checkpoint_of_fresh_model(job, cfg, splits, run_dir / "checkpoint_older")
     latest = _checkpoint_of_fresh_model(job, cfg, splits, run_dir / "checkpoint_latest")
+    (run_dir / RAY_RUN_SNAPSHOT).write_text("{}")  # what makes run_dir a Ray run's directory
     state = run_dir / "checkpoint_latest" / "state.pt"
     state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
     run_id = tracking.create_run(uri, "final", "damaged", {}, {}, "")
