@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import os
 
+from ray.train.v2._internal.callbacks.preemption_callback import PreemptionCallback
 from ray.train.v2._internal.constants import (
     HEALTH_CHECK_INTERVAL_S_ENV_VAR,
     RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR,
 )
 from ray.train.v2._internal.execution.controller import TrainController
+from ray.train.v2._internal.execution.preemption import PreemptionWatcher
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from ray.train.v2._internal.execution.worker_group import WorkerGroup
 
@@ -59,8 +61,40 @@ class ClusterWorkerGroupWithoutRuntimeEnv(ClusterWorkerGroup, WorkerGroupWithout
     pass
 
 
+class PreemptionWatcherInProcess(PreemptionCallback):
+    """Ray's preemption watcher (it polls Ray for nodes being drained and tells the workers on
+    them) as a thread of the controller's process rather than an actor of its own: the actor is
+    one more Python process started as the worker group comes up, ~1 s of CPU taken from the
+    first steps on a small machine (benchmarks/NOTES.md). The watcher runs its poll loop in a
+    thread either way; it holds nothing else."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._in_process: PreemptionWatcher | None = None
+
+    def after_worker_group_start(self, worker_group) -> None:
+        self._stop_watcher()
+        node_to_ranks: dict[str, list[int]] = {}
+        worker_actors_by_rank = {}
+        for worker in worker_group.get_workers():
+            rank = worker.distributed_context.world_rank
+            node_to_ranks.setdefault(worker.metadata.node_id, []).append(rank)
+            worker_actors_by_rank[rank] = worker.actor
+        self._in_process = PreemptionWatcher(
+            node_to_ranks=node_to_ranks,
+            poll_interval_s=self._poll_interval_s,
+            worker_actors_by_rank=worker_actors_by_rank,
+        )
+
+    def _stop_watcher(self) -> None:
+        watcher, self._in_process = self._in_process, None
+        if watcher is not None:
+            watcher._stop_event.set()  # its loop ends at its next wait
+
+
 class JobTrainController(TrainController):
-    """Ray's controller, polling every POLL_INTERVAL_S unless the user set Ray's variable."""
+    """Ray's controller, polling every POLL_INTERVAL_S unless the user set Ray's variable,
+    with Ray's preemption watcher in its own process (PreemptionWatcherInProcess)."""
 
     # The runtime-env path is taken on clusters only.
     worker_group_cls: type[WorkerGroup] = ClusterWorkerGroup
@@ -72,6 +106,10 @@ class JobTrainController(TrainController):
         # Ray gives its controller this in its runtime env (here: set for either kind): it
         # blocks its event loop on purpose. This process hosts the controller alone.
         os.environ.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, "0")
+        callbacks = self._worker_group_callbacks_to_propagate
+        for i, callback in enumerate(callbacks):
+            if type(callback) is PreemptionCallback:  # Ray adds it unless turned off
+                callbacks[i] = PreemptionWatcherInProcess()
 
 
 class TrainControllerWithoutRuntimeEnv(JobTrainController):

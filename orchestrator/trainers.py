@@ -33,12 +33,14 @@ cold cnn_digits, medians of 5 alternated pairs: fit → workers entered 7.9 → 
 On a cluster the driver joined, the workers also import torch's optimizer machinery while they
 wait for the group to start (orchestrator/worker_actor.py). The controller's classes are in
 orchestrator/controller.py and its process-group backend in orchestrator/process_group.py:
-neither imports torch, which the controller process would otherwise load for nothing.
+neither imports torch, which the controller process would otherwise load for nothing. Ray's
+preemption watcher polls from a thread of the controller's process, not an actor of its own.
 
 `_create_default_callbacks`, `_initialize_and_run_controller`, `_register_sigint_handler`,
 `TrainController.worker_group_cls`, `TrainController._health_check_interval_s`,
-`WorkerGroup._worker_cls`, `WorkerGroup._get_worker_runtime_env` and `RayTrainWorker` are
-private Ray API (2.60): tests/test_trainers.py checks
+`WorkerGroup._worker_cls`, `WorkerGroup._get_worker_runtime_env`, `RayTrainWorker`,
+`TrainController._worker_group_callbacks_to_propagate`, `PreemptionCallback` and
+`PreemptionWatcher` are private Ray API (2.60): tests/test_trainers.py checks
 what each class leaves out and keeps, so a Ray upgrade that renames them fails a test instead
 of silently bringing the cost back.
 """

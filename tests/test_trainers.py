@@ -136,7 +136,7 @@ def test_an_embedded_job_starts_no_helper_it_does_not_need(tmp_path):
 # torch._dynamo was imported already when the training function began (torch is: Ray Train
 # imports it to set up the group).
 _RUNTIME_ENVS = r"""
-import gc, json, os, pathlib, sys
+import gc, json, os, pathlib, sys, threading
 import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
@@ -162,7 +162,8 @@ class RecordController(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         (controller,) = [o for o in gc.get_objects() if isinstance(o, TrainController)]
         record(f"{self.out}/controller.json", interval=controller._health_check_interval_s,
-               torch_imported="torch" in sys.modules)
+               torch_imported="torch" in sys.modules,
+               watcher_thread=any(t.name == "PreemptionWatcher" for t in threading.enumerate()))
 
 root, where = pathlib.Path(sys.argv[1]), sys.argv[2]
 if where == "embedded":
@@ -246,6 +247,9 @@ def test_on_a_cluster_a_runtime_env_carries_only_the_users_ray_train_settings(tm
     assert fits["ours_with_a_setting"]["controller"]["interval"] == POLL_INTERVAL_S
     for fit in ("ours", "ours_with_a_setting"):
         assert fits[fit]["controller"]["torch_imported"] is False, fit
+        # Ray's preemption watcher polls from a thread of our controller's process, not from
+        # an actor process of its own (the embedded cluster turns it off: launch.py).
+        assert fits[fit]["controller"]["watcher_thread"] is True, fit
     # On a cluster, either way, the workers imported torch._dynamo (which every optimizer needs)
     # while the group started; embedded workers have not (the test above: not vacuous).
     # (The tests' checks for workers left behind know this title too.)
