@@ -145,7 +145,7 @@ def transformer_lm(args):
     chars = ["\x00"] + sorted(c for c, n in counts.items() if n >= 3 and c != "\x00")
     index = {c: i for i, c in enumerate(chars)}
     ids = torch.tensor([index.get(c, 0) for c in text])
-    b = 64
+    b = args.block_size
     tr, va = ids[:cut].unfold(0, b + 1, b), ids[cut:].unfold(0, b + 1, b)
 
     def loss(m, x, y):
@@ -154,7 +154,7 @@ def transformer_lm(args):
     return (
         TensorDataset(tr[:, :-1], tr[:, 1:]),
         TensorDataset(va[:, :-1], va[:, 1:]),
-        CharTransformer(len(chars)),
+        CharTransformer(len(chars), b, args.n_layer, args.d_model, args.n_head),
         loss,
     )
 
@@ -174,23 +174,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--launch-ts", type=float, default=None, help="time.time() at launch")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=0, help="per process; 0 = the job's")
+    # The GPU figures (benchmarks/gpu.py): a CUDA device (NCCL), bf16 autocast, torch.compile,
+    # and transformer_lm's size (defaults: conf/job/transformer_lm.yaml).
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--n-layer", type=int, default=3)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--d-model", type=int, default=128)
     return p.parse_args(argv)
 
 
 def train(args: argparse.Namespace) -> dict | None:
-    """Train in an initialised gloo process group; rank 0 returns the result (others None)."""
+    """Train in an initialised process group (gloo on CPUs, NCCL on GPUs); rank 0 returns the
+    result (others None)."""
     launch_ts = args.launch_ts or time.time()
     torch.set_num_threads(args.threads)
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device(args.device, int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
     build, batch_size, lr, weight_decay = JOBS[args.job]
+    batch_size = args.batch_size or batch_size
     torch.manual_seed(0)
     train, val, model, loss_fn = build(args)
+    model = model.to(device)
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(train, batch_size=batch_size, sampler=sampler)
     val_loader = DataLoader(Subset(val, range(rank, len(val), world)), batch_size=256)  # type: ignore[arg-type]
     n_batches = min(len(loader), args.limit_batches or len(loader))
     ddp = DistributedDataParallel(model)
+    step_model = torch.compile(ddp) if args.compile else ddp
     opt = torch.optim.AdamW(ddp.parameters(), lr=lr, weight_decay=weight_decay)
     total = n_batches * args.epochs
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -202,12 +219,14 @@ def train(args: argparse.Namespace) -> dict | None:
         sampler.set_epoch(epoch)
         ddp.train()
         t0 = time.perf_counter()
-        window = torch.zeros(2, dtype=torch.float64)
+        window = torch.zeros(2, dtype=torch.float64, device=device)
         samples = 0
         for i, (x, y) in enumerate(loader):
             if i == n_batches:
                 break
-            loss = loss_fn(ddp, x, y)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                loss = loss_fn(step_model, x, y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -215,7 +234,9 @@ def train(args: argparse.Namespace) -> dict | None:
             step += 1
             if first_step_s is None:
                 first_step_s = time.time() - launch_ts
-            window += torch.stack([loss.detach().double(), torch.ones((), dtype=torch.float64)])
+            window += torch.stack(
+                [loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)]
+            )
             samples += len(x)
             if step % args.log_every == 0:  # what a hand-written script logs: a window mean
                 dist.all_reduce(window)
@@ -224,15 +245,16 @@ def train(args: argparse.Namespace) -> dict | None:
                         f"epoch {epoch + 1} step {step} loss {(window[0] / window[1]).item():.4f}"
                     )
                 window.zero_()
-        counted = torch.tensor(float(samples))
-        dist.all_reduce(counted)
+        counted = torch.tensor(float(samples), device=device)
+        dist.all_reduce(counted)  # also waits for the epoch's last kernels
         epoch_rates.append(counted.item() / (time.perf_counter() - t0))
         ddp.eval()
         with torch.no_grad():
             for i, (x, y) in enumerate(val_loader):
                 if args.limit_batches and i == args.limit_batches:
                     break
-                loss_fn(ddp.module, x, y)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
+                    loss_fn(ddp.module, x.to(device), y.to(device))
     end_s = time.time() - launch_ts
     rss = [None] * world
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -245,12 +267,14 @@ def train(args: argparse.Namespace) -> dict | None:
         "peak_rss_mb": rss,
         "world_size": world,
         "pid": os.getpid(),
+        "backend": str(dist.get_backend()),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
     }
 
 
 def main() -> None:
     args = parse_args()
-    dist.init_process_group("gloo")
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     result = train(args)
     if result is not None:
         print("BASELINE_RESULT " + json.dumps(result), flush=True)

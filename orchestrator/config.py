@@ -45,6 +45,7 @@ class TrainerConfig:
     batch_size: int = 64  # per worker
     use_gpu: bool | None = None  # None = use GPUs when the cluster has them
     precision: str = "fp32"  # fp32 | bf16 (autocast)
+    compile: bool = False  # torch.compile the training steps (the first ones pay for compiling)
     grad_accum_steps: int = 1
     grad_clip: float = 0.0  # max global grad norm; 0 disables clipping
     # Exponential moving average of the weights, updated every optimizer step; when on, it is

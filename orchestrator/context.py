@@ -108,21 +108,32 @@ class RayContext:
 
 def node_tags(ctx: RayContext) -> dict[str, str]:
     """The run's tags naming the node each rank runs on (`workers.nodes`, `workers.num_nodes`),
-    so a reviewer sees how the job was spread over the cluster. Every rank must call this: the
-    node names are gathered with one collective. Rank 0's loop sends them with its first
-    metrics (again after a restart, when the placement may have changed)."""
+    so a reviewer sees how the job was spread over the cluster, and what the workers trained on
+    (`workers.device`: rank 0's device, with the GPU's name; `workers.backend`: the process
+    group's, nccl on GPUs, gloo on CPUs). Every rank must call this: the node names are
+    gathered with one collective. Rank 0's loop sends them with its first metrics (again after
+    a restart, when the placement may have changed)."""
     import ray
     import torch.distributed as dist
 
     here = ray.get_runtime_context()
     mine = f"{ray.util.get_node_ip_address()} (node {here.get_node_id()[:8]})"
     nodes: list[Any] = [mine]
+    backend = "none (one process)"
     if dist.is_available() and dist.is_initialized():
         nodes = [None] * ctx.world_size
         dist.all_gather_object(nodes, mine)
+        backend = str(dist.get_backend())
+    device = ctx.device
+    if device.type == "cuda":
+        device_name = f"{device} ({torch.cuda.get_device_name(device)})"
+    else:
+        device_name = str(device)
     return {
         "workers.nodes": ", ".join(f"rank {r}: {n}" for r, n in enumerate(nodes)),
         "workers.num_nodes": str(len(set(nodes))),
+        "workers.device": device_name,
+        "workers.backend": backend,
     }
 
 

@@ -18,7 +18,7 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -242,6 +242,9 @@ def run(
         ctx.progress({"type": "resumed", "epoch": start_epoch, "step": global_step, "note": note})
 
     ddp = DistributedDataParallel(model) if ctx.world_size > 1 else model
+    # Compiled for the training steps only: evaluation, the EMA and checkpoints use the module
+    # itself, so state-dict keys do not change with trainer.compile.
+    step_model = cast(nn.Module, torch.compile(ddp)) if tcfg["compile"] else ddp
     if run_dir:  # once set up: a fault drill that kills this pid hits the training itself
         _record_process(run_dir, ctx.rank)
     phase("model_built")
@@ -249,7 +252,8 @@ def run(
     # built beside the driver (shared), they are logged by the first check that finds them
     # ready (here, then at each epoch end) and waited for only as the loop returns: a slow
     # baseline (ssm_selective_copy's: ~20 s) no longer holds every rank back from the first step.
-    references_pending = job.references is not None and ctx.rank == 0
+    # Only for a run to log them to: without one (`python -m orchestrator.loop`) they are noise.
+    references_pending = job.references is not None and ctx.rank == 0 and run_id is not None
 
     def log_references(wait: bool) -> None:
         nonlocal references_pending
@@ -276,6 +280,29 @@ def run(
         for (step, lr, at), (total, n) in zip(logged, reduced[1:].tolist(), strict=True):
             metrics_out.log({"train/loss": total / n, "train/lr": lr}, step=step, timestamp_ms=at)
         return reduced[0]
+
+    # The last optimizer step's (finite?, loss, grad norm, epoch, step), checked one step later:
+    # reading a GPU value on the host waits for the device to finish it, and right after the
+    # norm that would empty the device's queue before every optimizer step. A step later the
+    # norm is long computed and the next step's work is queued behind it. A non-finite step's
+    # update is applied before the run stops: it stops before the next one, and no checkpoint,
+    # evaluation or model is made from it (the epoch's end checks first).
+    pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None = None
+
+    def stop_if_nonfinite(windows, logged, epoch_loss) -> LoopResult | None:
+        if pending is None or bool(pending[0]):
+            return None
+        _, bad_loss, bad_norm, bad_epoch, bad_step = pending
+        log_windows(windows, logged, epoch_loss)  # every rank is here: safe to reduce
+        log_references(wait=True)
+        metrics_out.flush()
+        msg = (
+            f"non-finite loss or gradient (loss={bad_loss.item():.4g}, grad norm={bad_norm.item():.4g}) "
+            f"at epoch {bad_epoch + 1}, step {bad_step + 1}: lower optim.lr or set trainer.grad_clip"
+        )
+        result = LoopResult("nonfinite", bad_epoch, bad_step, last, msg)
+        ctx.progress({"type": "outcome", **result.__dict__})
+        return result
 
     for epoch in range(start_epoch, tcfg["max_epochs"]):
         seed_everything(seed, epoch + 1, ctx.rank)
@@ -307,7 +334,7 @@ def run(
             )
             with no_sync:
                 with autocast():
-                    loss = job.training_step(ddp, batch)
+                    loss = job.training_step(step_model, batch)
                 (loss / group).backward()
             loss_sum += torch.stack(
                 [loss.detach().double(), torch.ones((), dtype=torch.float64, device=device)]
@@ -324,17 +351,9 @@ def run(
                 if clip
                 else torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
             )
-            if not torch.isfinite(grad_norm):
-                log_windows(windows, logged, epoch_loss)  # every rank is here: safe to reduce
-                log_references(wait=True)
-                metrics_out.flush()
-                msg = (
-                    f"non-finite loss or gradient (loss={loss.item():.4g}, grad norm={grad_norm.item():.4g}) "
-                    f"at epoch {epoch + 1}, step {global_step + 1}: lower optim.lr or set trainer.grad_clip"
-                )
-                result = LoopResult("nonfinite", epoch, global_step, last, msg)
-                ctx.progress({"type": "outcome", **result.__dict__})
-                return result
+            if stopped := stop_if_nonfinite(windows, logged, epoch_loss):
+                return stopped
+            pending = (torch.isfinite(grad_norm), loss.detach(), grad_norm, epoch, global_step)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -364,6 +383,8 @@ def run(
                     )
                 loss_sum.zero_()
 
+        if stopped := stop_if_nonfinite(windows, logged, epoch_loss):
+            return stopped
         epoch_loss = log_windows(windows, logged, epoch_loss + loss_sum)
         evaluated = ema.module if ema is not None else model  # what is evaluated and deployed
         seconds = time.perf_counter() - epoch_start
@@ -460,7 +481,13 @@ if __name__ == "__main__":  # single-process debugging without Ray or tracking
     from orchestrator.context import LocalContext
 
     cfg = compose_config(sys.argv[1:])
+    use_gpu = cfg["trainer"]["use_gpu"]  # None: the GPU when there is one, as orchestrate does
+    gpu = torch.cuda.is_available() if use_gpu is None else use_gpu
     outcome = run(
-        cfg, LocalContext(on_progress=lambda e: e["type"] == "epoch" and print(e["metrics"]))
+        cfg,
+        LocalContext(
+            device="cuda" if gpu else "cpu",
+            on_progress=lambda e: e["type"] == "epoch" and print(e["metrics"], flush=True),
+        ),
     )
     print(outcome.status, outcome.metrics)

@@ -76,3 +76,37 @@ def test_performance_runs_orchestrate_beside_torchrun_and_writes_its_table(tmp_p
     assert list(phases) == ["fit_called", "worker_entered", "data_built", "model_built",
                             "time_to_first_step"]  # fmt: skip
     assert "| B2 | worker-side split, cold" in table
+
+
+def test_gpu_benchmark_runs_both_g1_sides_in_its_tiny_configuration(tmp_path):
+    # G1 and G2 need a CUDA GPU; --tiny runs G1's two sides (the orchestrator's loop and the
+    # torchrun script, alternated) on the CPU, so the script cannot rot between GPU sessions.
+    out = bench("gpu.py", "--tiny", "--out", str(tmp_path))
+    assert out.returncode == 0, out.stdout + out.stderr
+    result = json.loads((tmp_path / "gpu.json").read_text())
+    g1 = result["G1"]
+    (pair,) = g1["pairs"]
+    assert len(pair["ours"]["samples_per_s"]) == len(pair["theirs"]["samples_per_s"]) == 2
+    assert g1["ours_tokens_per_s"] > 0 and g1["theirs_tokens_per_s"] > 0
+    assert g1["ours_mfu"] is None  # no bf16 peak for a CPU
+    assert result["G2"]["baseline_backend"] == "gloo"
+    assert result["G2"]["orchestrated"] == {"measured": False, "why": "no GPU (--tiny)"}
+    table = (tmp_path / "gpu.md").read_text()
+    assert "| G1 | tokens/s, orchestrator's loop / hand-written" in table
+
+
+def test_gpu_benchmark_without_a_gpu_says_so():
+    out = bench("gpu.py", "--out", "/nonexistent")
+    assert out.returncode != 0 and "no CUDA GPU here" in out.stderr, out.stderr
+
+
+def test_gpu_benchmark_counts_flops_and_knows_the_cards_peaks():
+    sys.path.insert(0, str(BENCHMARKS))
+    import gpu
+
+    # PaLM's count per token, 6 · N + 12 · L · T · d, at GPT-2 small's size (N ≈ 85 M).
+    assert gpu.flops_per_token(85_000_000, 12, 1024, 768) == 510_000_000 + 113_246_208
+    assert gpu.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12
+    assert gpu.peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert gpu.peak_flops("NVIDIA H200") == 989.4e12
+    assert gpu.peak_flops("some other card") is None

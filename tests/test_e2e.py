@@ -88,6 +88,9 @@ def test_readme_demo_cnn_digits_embedded(tmp_path, ray_head):
               "job_loaded", "data_built", "model_built", "references_done", "time_to_first_step")]  # fmt: skip
     assert phases == sorted(phases) and phases[0] > 0
     assert run.data.tags["workers.num_nodes"] == "1"
+    # CPU workers: gloo (a GPU run says nccl and names its card, benchmarks/gpu.py checks it).
+    assert run.data.tags["workers.device"] == "cpu"
+    assert run.data.tags["workers.backend"] == "gloo"
     assert run.data.params["trainer.num_workers"] == "2"
     assert run.data.params["job.name"] == "cnn_digits"
     assert run.data.tags["job"] == "cnn_digits"

@@ -215,3 +215,42 @@ def test_a_corrupt_downloaded_checkpoint_never_falls_back_to_another_runs_downlo
     with pytest.raises(CorruptCheckpoint, match="no intact checkpoint") as raised:
         load_newest_intact(tmp_path / "checkpoint_tmp_this_run")
     assert "other_run" not in str(raised.value)
+
+
+@pytest.mark.slow
+def test_compile_runs_the_training_steps_through_torch_compile(tmp_path):
+    """trainer.compile=true: the training step is captured by TorchDynamo and compiled (the
+    real compiler, inductor, here on the CPU); the checkpoint holds the plain module's keys, so
+    resuming, evaluation and the logged model do not depend on the setting."""
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    compiled = train(["trainer.max_epochs=1", "trainer.compile=true"], checkpoint_dir=str(tmp_path))
+    assert compiled.status == "finished"
+    assert counters["stats"]["unique_graphs"] >= 1, dict(counters["stats"])
+    keys = sorted(load(tmp_path)["model"])
+    assert keys and not any("_orig_mod" in k for k in keys), keys
+    counters.clear()
+    plain = train(["trainer.max_epochs=1"])
+    assert counters["stats"]["unique_graphs"] == 0  # not vacuous: nothing compiled without it
+    # The same training, compiled or not: fused kernels round differently, and over an
+    # epoch of steps that moves the loss by ~0.1 %, not more.
+    assert compiled.metrics["val/loss"] == pytest.approx(plain.metrics["val/loss"], rel=1e-2)
+
+
+def test_a_nonfinite_step_stops_the_run_before_its_weights_are_used(tmp_path):
+    """Each step's gradient norm is checked one step later (reading it at once would stall a
+    GPU's queue every step), yet the run stops before the next update, and no evaluation or
+    checkpoint is made from the diverged weights: at an epoch's end the check comes first."""
+    diverging = ["optim=sgd", "optim.lr=1e12"]
+    mid_epoch = train(diverging, checkpoint_dir=str(tmp_path / "a"))
+    assert mid_epoch.status == "nonfinite", mid_epoch.message
+    assert "at epoch 1, step 3:" in mid_epoch.message and "optim.lr" in mid_epoch.message
+    assert not (tmp_path / "a" / "meta.json").exists()  # never got to an epoch's end
+    # One step per epoch: the third step, the first non-finite one, is its epoch's last.
+    at_epoch_end = train(
+        [*diverging, "trainer.limit_batches=1"], checkpoint_dir=str(tmp_path / "b")
+    )
+    assert at_epoch_end.status == "nonfinite"
+    assert "at epoch 3, step 3:" in at_epoch_end.message, at_epoch_end.message
+    assert load(tmp_path / "b")["epoch"] == 2  # epoch 3's weights were not checkpointed
