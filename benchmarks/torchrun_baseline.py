@@ -203,8 +203,10 @@ def train(args: argparse.Namespace) -> dict | None:
     train, val, model, loss_fn = build(args)
     model = model.to(device)
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=0)
-    loader = DataLoader(train, batch_size=batch_size, sampler=sampler)
-    val_loader = DataLoader(Subset(val, range(rank, len(val), world)), batch_size=256)  # type: ignore[arg-type]
+    pin = device.type == "cuda"  # as a GPU script would: copies overlap the device's work
+    loader = DataLoader(train, batch_size=batch_size, sampler=sampler, pin_memory=pin)
+    val_shard = Subset(val, range(rank, len(val), world))  # type: ignore[arg-type]
+    val_loader = DataLoader(val_shard, batch_size=256, pin_memory=pin)
     n_batches = min(len(loader), args.limit_batches or len(loader))
     ddp = DistributedDataParallel(model)
     step_model = torch.compile(ddp) if args.compile else ddp
