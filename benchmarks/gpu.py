@@ -35,7 +35,6 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 BASELINE = HERE / "torchrun_baseline.py"
-BIN = Path(sys.executable).parent
 # The orchestrator from this checkout, installed or not (a GPU machine may only have torch).
 sys.path.insert(0, str(ROOT))
 
@@ -119,16 +118,17 @@ def theirs(size: dict, args: argparse.Namespace, gpu: bool) -> dict:
     return json.loads(line)
 
 
-def orchestrated_gpu_run(workdir: Path) -> dict:
-    """G2 through Ray Train: a short 1-GPU job; what its run's tags say."""
+def orchestrated_run(workdir: Path, gpu: bool) -> dict:
+    """G2 through Ray Train: a short 1-worker job (on the GPU); what its run's tags say."""
     try:
         import mlflow  # noqa: F401
         import ray  # noqa: F401
     except ImportError as exc:
         return {"measured": False, "why": f"not installed here: {exc.name}"}
-    overrides = ["job=cnn_digits", "trainer.use_gpu=true", "trainer.num_workers=1",
+    overrides = ["job=cnn_digits", f"trainer.use_gpu={str(gpu).lower()}", "trainer.num_workers=1",
                  "trainer.max_epochs=1", "tracking.log_model=false"]  # fmt: skip
-    out = _run([str(BIN / "orchestrate"), *overrides], cwd=workdir)
+    # `python -m`: a machine given this checkout without installing it has no console script.
+    out = _run([sys.executable, "-m", "orchestrator.cli", *overrides], cwd=workdir)
     run_id = re.search(r"MLflow run ([0-9a-f]{32})", out).group(1)  # type: ignore[union-attr]
     from mlflow.tracking import MlflowClient
 
@@ -173,10 +173,10 @@ def table(result: dict) -> str:
     ]
     run = g2["orchestrated"]
     if run["measured"]:
-        rows.append(f"| G2 | `orchestrate` 1-GPU run: status, workers.backend, workers.device | "
+        rows.append(f"| G2 | `orchestrate` 1-worker run: status, workers.backend, workers.device | "
                     f"{run['status']}, {run['backend']}, {run['device']} | FINISHED, nccl |")  # fmt: skip
     else:
-        rows.append(f"| G2 | `orchestrate` 1-GPU run | not measured: {run['why']} | |")
+        rows.append(f"| G2 | `orchestrate` 1-worker run | not measured: {run['why']} | |")
     return (
         f"Device: {result['device']}; torch {result['torch']}; model: {result['model']}; "
         f"{result['when']}\n\n" + "\n".join(rows) + "\n"
@@ -224,8 +224,7 @@ def main() -> None:
     peak = peak_flops(device)
     ratios = [a / b for a, b in zip(ours_tps, theirs_tps, strict=True)]
     with tempfile.TemporaryDirectory(prefix="gpu-g2-") as tmp:
-        orchestrated = orchestrated_gpu_run(Path(tmp)) if gpu else {
-            "measured": False, "why": "no GPU (--tiny)"}  # fmt: skip
+        orchestrated = orchestrated_run(Path(tmp), gpu)
     result = {
         "when": time.strftime("%Y-%m-%d %H:%M"),
         "device": device,
