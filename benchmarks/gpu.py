@@ -112,6 +112,7 @@ def theirs(size: dict, args: argparse.Namespace, gpu: bool) -> dict:
         "--block-size", str(size["block_size"]), "--n-layer", str(size["n_layer"]),
         "--n-head", str(size["n_head"]), "--d-model", str(size["d_model"]),
         *(["--bf16"] if args.bf16 else []), *(["--compile"] if args.compile else []),
+        "--no-ddp",  # one process trains the model itself, as one orchestrator worker does
     ]  # fmt: skip
     out = _run(cmd, cwd=ROOT)
     (line,) = _lines(out, "BASELINE_RESULT ")

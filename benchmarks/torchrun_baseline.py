@@ -180,6 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--no-ddp", action="store_true", help="one process: the model unwrapped")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--n-layer", type=int, default=3)
     p.add_argument("--n-head", type=int, default=4)
@@ -208,7 +209,11 @@ def train(args: argparse.Namespace) -> dict | None:
     val_shard = Subset(val, range(rank, len(val), world))  # type: ignore[arg-type]
     val_loader = DataLoader(val_shard, batch_size=256, pin_memory=pin)
     n_batches = min(len(loader), args.limit_batches or len(loader))
-    ddp = DistributedDataParallel(model)
+    if args.no_ddp and world > 1:
+        raise SystemExit("--no-ddp is for one process")
+    # One process on one GPU, as written by hand (G1): no DDP wrapper, as one orchestrator
+    # worker trains. B1 and B3 keep DDP at one process too, as they were measured.
+    ddp = model if args.no_ddp else DistributedDataParallel(model)
     step_model = torch.compile(ddp) if args.compile else ddp
     opt = torch.optim.AdamW(ddp.parameters(), lr=lr, weight_decay=weight_decay)
     total = n_batches * args.epochs
@@ -256,7 +261,7 @@ def train(args: argparse.Namespace) -> dict | None:
                 if args.limit_batches and i == args.limit_batches:
                     break
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16):
-                    loss_fn(ddp.module, x.to(device), y.to(device))
+                    loss_fn(model, x.to(device), y.to(device))
     end_s = time.time() - launch_ts
     rss = [None] * world
     dist.all_gather_object(rss, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
