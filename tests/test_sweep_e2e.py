@@ -71,8 +71,10 @@ def test_asha_sweep_of_16_trials_completes_and_promotes_the_best(tmp_path, ray_h
     # Stopped trials were closed as they stopped, not all at the end of the sweep.
     full = [c for c in children if c.data.tags["early_stopped"] == "false"]
     assert min(c.info.end_time for c in stopped) < max(c.info.end_time for c in full)
-    best = max(children, key=lambda c: c.data.metrics["val/acc"])
-    assert parent.data.tags["best_run_id"] == best.info.run_id
+    # The promoted trial has the top val/acc; trials can tie on it (seen: two at 0.9111 of 360
+    # validation digits), and then either one is a right answer.
+    (best,) = [c for c in children if c.info.run_id == parent.data.tags["best_run_id"]]
+    assert best.data.metrics["val/acc"] == max(c.data.metrics["val/acc"] for c in children)
     assert best.data.tags["best_trial"] == "true"
     assert parent.data.metrics["best/val/acc"] == best.data.metrics["val/acc"]
     client = MlflowClient(tracking_uri(tmp_path))
