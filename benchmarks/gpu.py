@@ -38,6 +38,8 @@ BASELINE = HERE / "torchrun_baseline.py"
 # The orchestrator from this checkout, installed or not (a GPU machine may only have torch).
 sys.path.insert(0, str(ROOT))
 
+from performance import baseline_result, steady  # noqa: E402  (this folder: run as a script)
+
 # Dense bf16 peak (no sparsity) by the card's name, from the vendors' data sheets.
 PEAK_BF16_FLOPS = {
     "H100 PCIe": 756e12,
@@ -114,9 +116,7 @@ def theirs(size: dict, args: argparse.Namespace, gpu: bool) -> dict:
         *(["--bf16"] if args.bf16 else []), *(["--compile"] if args.compile else []),
         "--no-ddp",  # one process trains the model itself, as one orchestrator worker does
     ]  # fmt: skip
-    out = _run(cmd, cwd=ROOT)
-    (line,) = _lines(out, "BASELINE_RESULT ")
-    return json.loads(line)
+    return baseline_result(_run(cmd, cwd=ROOT))
 
 
 def orchestrated_run(workdir: Path, gpu: bool) -> dict:
@@ -147,14 +147,6 @@ def _run(cmd: list[str], cwd: Path) -> str:
     if done.returncode != 0:
         raise SystemExit(f"failed ({done.returncode}): {' '.join(cmd)}\n{out[-4000:]}")
     return out
-
-
-def _lines(out: str, prefix: str) -> list[str]:
-    return [ln.split(" ", 1)[1] for ln in out.splitlines() if ln.startswith(prefix)]
-
-
-def steady(rates: list[float]) -> float:
-    return statistics.median(rates[1:] if len(rates) > 1 else rates)
 
 
 def table(result: dict) -> str:

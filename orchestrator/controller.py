@@ -94,7 +94,7 @@ class PreemptionWatcherInProcess(PreemptionCallback):
 
 class JobTrainController(TrainController):
     """Ray's controller, polling every POLL_INTERVAL_S unless the user set Ray's variable,
-    with Ray's preemption watcher in its own process (PreemptionWatcherInProcess)."""
+    with Ray's preemption watcher in the controller's process (PreemptionWatcherInProcess)."""
 
     # The runtime-env path is taken on clusters only.
     worker_group_cls: type[WorkerGroup] = ClusterWorkerGroup
