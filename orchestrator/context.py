@@ -75,6 +75,15 @@ class RayContext:
         self.device = ray.train.torch.get_device()
         self.mailbox = mailbox
         self.checkpoint_note: str | None = None  # set when the latest checkpoint was unusable
+        # Rank 0 tells the controller when a report is coming, so that it polls then rather
+        # than at its next interval (orchestrator/controller.py, JobTrainController; Ray's own
+        # controller has no such method, and is then not told).
+        self._report_coming = None
+        if self.rank == 0:
+            from ray.train.v2._internal.execution.context import get_train_context
+
+            controller = get_train_context().controller_actor
+            self._report_coming = getattr(controller, "report_coming", None)
 
     def latest_checkpoint(self):
         import ray.train
@@ -93,6 +102,8 @@ class RayContext:
 
         with _checkpoint_dir(state) as path:
             ckpt = ray.train.Checkpoint.from_directory(path) if path else None
+            if self._report_coming is not None:
+                self._report_coming.remote()
             ray.train.report(metrics, checkpoint=ckpt)
 
     def progress(self, event):

@@ -8,8 +8,10 @@ of CPU there, on the path to the first step (orchestrator/process_group.py).
 
 from __future__ import annotations
 
+import asyncio
 import os
 
+import ray
 from ray.train.v2._internal.callbacks.preemption_callback import PreemptionCallback
 from ray.train.v2._internal.constants import (
     HEALTH_CHECK_INTERVAL_S_ENV_VAR,
@@ -19,6 +21,7 @@ from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2._internal.execution.preemption import PreemptionWatcher
 from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
 from ray.train.v2._internal.execution.worker_group import WorkerGroup
+from ray.train.v2._internal.util import time_monotonic
 
 from orchestrator.worker_actor import WorkerImportingAhead
 
@@ -35,7 +38,8 @@ class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
 
 
 # Ray Train V2's controller polls its workers every 2 s, and a report that carries a
-# checkpoint waits for that poll: 2 s lost per epoch. 0.25 s cuts it to ~0.25 s (measured).
+# checkpoint waits for that poll: 2 s lost per epoch. 0.25 s cuts it to ~0.25 s (measured);
+# rank 0 also wakes the controller as it reports (JobTrainController.report_coming).
 POLL_INTERVAL_S = 0.25
 
 
@@ -93,8 +97,9 @@ class PreemptionWatcherInProcess(PreemptionCallback):
 
 
 class JobTrainController(TrainController):
-    """Ray's controller, polling every POLL_INTERVAL_S unless the user set Ray's variable,
-    with Ray's preemption watcher in the controller's process (PreemptionWatcherInProcess)."""
+    """Ray's controller, polling every POLL_INTERVAL_S unless the user set Ray's variable, and
+    at once when rank 0 says a report is coming; with Ray's preemption watcher in the
+    controller's process (PreemptionWatcherInProcess)."""
 
     # The runtime-env path is taken on clusters only.
     worker_group_cls: type[WorkerGroup] = ClusterWorkerGroup
@@ -110,6 +115,30 @@ class JobTrainController(TrainController):
         for i, callback in enumerate(callbacks):
             if type(callback) is PreemptionCallback:  # Ray adds it unless turned off
                 callbacks[i] = PreemptionWatcherInProcess()
+        self._report_coming = asyncio.Event()
+
+    async def report_coming(self) -> None:
+        """Rank 0 calls this as each epoch's report starts (orchestrator/context.py)."""
+        self._report_coming.set()
+
+    async def _poll_workers(self):
+        # A Ray Train worker holds one report until a poll takes it, and its next report waits
+        # for that: with epochs shorter than the poll interval every epoch waited for a poll
+        # (mlp_tabular's 80 epochs of ~0.05 s: 18 s of its 22 s loop). So the wait between
+        # polls ends early when rank 0 says a report is coming; the poll then takes the
+        # previous report, if still held, and the new one goes through without waiting.
+        remaining = self._health_check_interval_s - (time_monotonic() - self._latest_poll_time)
+        if remaining > 0:
+            try:
+                await asyncio.wait_for(self._report_coming.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+            else:
+                if self.get_state().is_terminal():  # as Ray's own wait does: aborted meanwhile
+                    ray.actor.exit_actor()
+                self._latest_poll_time = float("-inf")  # Ray's wait is over too
+        self._report_coming.clear()
+        return await super()._poll_workers()
 
 
 class TrainControllerWithoutRuntimeEnv(JobTrainController):

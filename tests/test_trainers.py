@@ -136,12 +136,13 @@ def test_an_embedded_job_starts_no_helper_it_does_not_need(tmp_path):
 # torch._dynamo was imported already when the training function began (torch is: Ray Train
 # imports it to set up the group).
 _RUNTIME_ENVS = r"""
-import gc, json, os, pathlib, sys, threading
+import gc, json, os, pathlib, sys, threading, time
 import ray
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 from ray.train.v2._internal.execution.controller import TrainController
 from ray.train.v2.api.callback import UserCallback
+from orchestrator.context import RayContext
 from orchestrator.launch import connect, shutdown
 from orchestrator.trainers import EmbeddedTorchTrainer, JobTorchTrainer
 
@@ -151,10 +152,14 @@ def record(path, **extra):
     pathlib.Path(path).write_text(json.dumps(seen))
 
 def train_fn(config):
-    record(f"{config['out']}/worker-{ray.train.get_context().get_world_rank()}.json",
+    dynamo_imported = "torch._dynamo" in sys.modules
+    ctx = RayContext()  # reports as the loop does, one right after another: epochs of no work
+    started = time.monotonic()
+    for epoch in range(3):
+        ctx.report({"epoch": epoch}, None)
+    record(f"{config['out']}/worker-{ctx.rank}.json",
            title=pathlib.Path("/proc/self/cmdline").read_text().split("\0")[0],
-           dynamo_imported="torch._dynamo" in sys.modules)
-    ray.train.report({"done": 1})
+           dynamo_imported=dynamo_imported, reports_s=time.monotonic() - started)
 
 class RecordController(UserCallback):
     def __init__(self, out):
@@ -225,6 +230,11 @@ def test_embedded_controller_and_workers_inherit_the_driver_env_without_a_runtim
         assert got["runtime_env"]["env_vars"], process
     assert fits["rays"]["controller"]["interval"] == 2.0
     assert fits["rays"]["controller"]["torch_imported"] is True
+    # A worker holds one report until a poll takes it. Three reports in a row: Ray's controller
+    # takes the first two at two polls one interval apart, so the third waits for the second
+    # poll; ours polls as rank 0 says each report is coming.
+    assert fits["rays"]["worker-0"]["reports_s"] >= 2.0 - 0.1
+    assert fits["ours"]["worker-0"]["reports_s"] < POLL_INTERVAL_S
     # Right after Ray starts, workers import nothing ahead (no faster there): Ray's own actor.
     for fit in ("ours", "rays"):
         for rank in ("worker-0", "worker-1"):
@@ -247,6 +257,7 @@ def test_on_a_cluster_a_runtime_env_carries_only_the_users_ray_train_settings(tm
     assert fits["ours_with_a_setting"]["controller"]["interval"] == POLL_INTERVAL_S
     for fit in ("ours", "ours_with_a_setting"):
         assert fits[fit]["controller"]["torch_imported"] is False, fit
+        assert fits[fit]["worker-0"]["reports_s"] < POLL_INTERVAL_S, fit  # as embedded: above
         # Ray's preemption watcher polls from a thread of our controller's process, not from
         # an actor process of its own (the embedded cluster turns it off: launch.py).
         assert fits[fit]["controller"]["watcher_thread"] is True, fit
