@@ -26,10 +26,10 @@ wherever there is nothing to carry: on the embedded cluster every process alread
 the driver's environment (launch.connect sets it before `ray.init`), and on any other cluster
 when the driver has no RAY_TRAIN_* setting of its own (a user who sets one gets Ray's way).
 The one setting we need, a 0.25 s poll instead of Ray's 2 s, is set by the controller class
-itself (`JobTrainController`), not through the environment; rank 0 also wakes it to poll as
-each epoch's report starts, so jobs with short epochs do not wait for a poll every epoch. Measured on 2 CPUs: embedded,
+itself (`JobTrainController`), not through the environment. Measured on 2 CPUs: embedded,
 cold cnn_digits, medians of 5 alternated pairs: fit → workers entered 7.9 → 6.9 s; on a
-`ray start` head: see benchmarks/NOTES.md.
+`ray start` head: see benchmarks/NOTES.md. Rank 0 also wakes the controller to poll as each
+epoch's report starts, so jobs with short epochs do not wait for a poll every epoch.
 
 On a cluster the driver joined, the workers also import torch's optimizer machinery while they
 wait for the group to start (orchestrator/worker_actor.py). The controller's classes are in
